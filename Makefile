@@ -1,0 +1,44 @@
+# lmcache-kube: one Makefile for the engine, the operator, the chart and the e2e harness.
+# Fragments owned by each part live beside it and are included below.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## list targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN{FS=":.*?## "}{printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml operator/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[dev,vllm]' -e './operator[dev]'
+	touch $@
+
+venv: $(STAMP) ## create .venv with the engine, the operator, vLLM and the dev tools
+
+lint: $(STAMP) ## ruff + mypy
+	$(VENV)/bin/ruff check lmcache operator tests e2e benchmarks
+	$(VENV)/bin/ruff format --check lmcache operator tests e2e benchmarks
+	$(VENV)/bin/mypy lmcache operator/lmcache_operator benchmarks
+
+unit: $(STAMP) ## fast unit tests (no cluster)
+	$(PY) -m pytest -q tests
+
+test: lint unit e2e ## everything CI runs: lint, unit tests, end-to-end tests
+
+demo: $(STAMP) ## engine demo: a long context stored once, then queried cold vs warm
+	$(PY) examples/engine_demo.py
+
+bench: $(STAMP) ## engine store/retrieve/lookup throughput vs raw torch copies (writes .bench/engine.json)
+	$(PY) benchmarks/bench_engine.py --out .bench/engine.json
+
+.PHONY: help venv lint unit test demo bench
+
+-include e2e/e2e.mk
+-include operator/operator.mk
+-include charts/charts.mk
+-include images/images.mk
