@@ -1,0 +1,351 @@
+"""Engine configuration: defaults < YAML file (``LMCACHE_CONFIG_FILE``) < ``LMCACHE_*`` env.
+
+Every value remembers where it came from, so an error (and ``lmcache check-config``) can name
+the exact file or variable to fix. All validation happens here, before any memory is allocated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+logger = logging.getLogger("lmcache")
+
+ENV_PREFIX = "LMCACHE_"
+CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+GB = 1 << 30
+"""LMCache sizes are in "GB" of 2^30 bytes."""
+
+# Env vars under LMCACHE_ that are not config keys but are read elsewhere.
+_NON_KEY_ENV = frozenset(
+    {CONFIG_FILE_ENV, "LMCACHE_REMOTE_USERNAME", "LMCACHE_REMOTE_PASSWORD", "LMCACHE_LOG_LEVEL"}
+)
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+REMOTE_SCHEMES = ("valkey", "valkeys", "redis", "rediss", "unix")
+REMOTE_SERDES = ("naive",)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: names the key, its source and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a value came from: ``default``, ``file <path>``, ``env <NAME>`` or ``override``."""
+
+    kind: str
+    where: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.where}".strip()
+
+
+DEFAULT = Source("default")
+
+
+def _parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("a boolean: true/false, 1/0, yes/no (any case)")
+
+
+def _parse_int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("an integer")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    try:
+        return int(str(raw).strip())
+    except ValueError:
+        raise ValueError("an integer") from None
+
+
+def _parse_float(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError("a number")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError("a number") from None
+    if not math.isfinite(value):
+        raise ValueError("a finite number")
+    return value
+
+
+def _parse_optional_str(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    return text or None
+
+
+def _parse_optional_int(raw: Any) -> int | None:
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    return _parse_int(raw)
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "a number > 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "a number >= 0"
+
+
+def _port(value: int | None) -> str | None:
+    return None if value is None or 0 < value < 65536 else "a TCP port 1-65535"
+
+
+def _remote_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    scheme = urlsplit(value).scheme
+    if scheme not in REMOTE_SCHEMES:
+        return "a URL with scheme " + ", ".join(f"{s}://" for s in REMOTE_SCHEMES)
+    return None
+
+
+def _remote_serde(value: str) -> str | None:
+    return None if value in REMOTE_SERDES else "one of: " + ", ".join(REMOTE_SERDES)
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One config key: its parser, default, extra check and one line of documentation."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    doc: str
+    check: Callable[[Any], str | None] | None = None
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+KEYS: tuple[KeySpec, ...] = (
+    KeySpec("chunk_size", _parse_int, 256, "tokens per KV chunk (the unit of hashing and storage)",
+            lambda v: None if v > 0 else "an integer > 0"),
+    KeySpec("local_cpu", _parse_bool, True,
+            "keep KV in the pinned CPU pool as an LRU hot cache (the pool exists either way)"),
+    KeySpec("max_local_cpu_size", _parse_float, 5.0,
+            "pinned CPU pool size in GB (2^30 bytes); also the staging buffer for disk/remote",
+            _positive),
+    KeySpec("local_cpu_use_hugepages", _parse_bool, False,
+            "back the pool with 2 MiB hugepages (needs vm.nr_hugepages; CUDA platforms only)"),
+    KeySpec("enable_p2p", _parse_bool, False,
+            "P2P KV sharing between instances (not implemented; incompatible with hugepages)"),
+    KeySpec("shm_name", _parse_optional_str, None,
+            "shared-memory pool name (not implemented; incompatible with hugepages)"),
+    KeySpec("local_disk", _parse_optional_str, None,
+            "directory of the local disk tier (plain path or file:// URL); unset = no disk tier"),
+    KeySpec("max_local_disk_size", _parse_float, 0.0,
+            "disk tier size in GB (2^30 bytes); LRU-evicted beyond it", _non_negative),
+    KeySpec("remote_url", _parse_optional_str, None,
+            "remote tier: valkey://host:port[/db], redis://, valkeys://, rediss://, unix://path",
+            _remote_url),
+    KeySpec("remote_serde", lambda raw: str(raw).strip(), "naive",
+            "remote value encoding: naive = raw bytes behind a checked header", _remote_serde),
+    KeySpec("save_unfull_chunk", _parse_bool, True,
+            "also store the trailing partial chunk of a prompt (as in the seed's example log)"),
+    KeySpec("prefetch", _parse_bool, False,
+            "a lookup that finds chunks on disk/remote starts loading them into CPU at once"),
+    KeySpec("metrics_port", _parse_optional_int, None,
+            "serve Prometheus metrics on this port (unset = no HTTP endpoint)", _port),
+)
+KEYS_BY_NAME: Mapping[str, KeySpec] = {k.name: k for k in KEYS}
+
+_warned_unknown: set[str] = set()
+
+
+def _warn_unknown_once(name: str, source: Source) -> None:
+    if name in _warned_unknown:
+        return
+    _warned_unknown.add(name)
+    logger.warning("LMCache config key %r (%s) is not implemented by this engine; ignored",
+                   name, source)
+
+
+@dataclass(frozen=True)
+class LMCacheEngineConfig:
+    """Effective engine settings; build with :meth:`load` (or :meth:`from_mapping` in code)."""
+
+    chunk_size: int = 256
+    local_cpu: bool = True
+    max_local_cpu_size: float = 5.0
+    local_cpu_use_hugepages: bool = False
+    enable_p2p: bool = False
+    shm_name: str | None = None
+    local_disk: str | None = None
+    max_local_disk_size: float = 0.0
+    remote_url: str | None = None
+    remote_serde: str = "naive"
+    save_unfull_chunk: bool = True
+    prefetch: bool = False
+    metrics_port: int | None = None
+    sources: Mapping[str, Source] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def max_local_cpu_bytes(self) -> int:
+        return int(self.max_local_cpu_size * GB)
+
+    @property
+    def max_local_disk_bytes(self) -> int:
+        return int(self.max_local_disk_size * GB)
+
+    @property
+    def local_disk_path(self) -> Path | None:
+        """``local_disk`` as a directory, accepting upstream's ``file:///path`` form."""
+        if self.local_disk is None:
+            return None
+        if self.local_disk.startswith("file://"):
+            return Path(urlsplit(self.local_disk).path)
+        return Path(self.local_disk)
+
+    def source_of(self, key: str) -> Source:
+        return self.sources.get(key, DEFAULT)
+
+    @classmethod
+    def load(
+        cls,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        overrides_source: str = "override",
+    ) -> LMCacheEngineConfig:
+        """Defaults < ``LMCACHE_CONFIG_FILE`` < ``LMCACHE_*`` env < ``overrides``."""
+        env = os.environ if env is None else env
+        layers: list[tuple[Source, Mapping[str, Any]]] = []
+        path = env.get(CONFIG_FILE_ENV)
+        if path:
+            layers.append((Source("file", path), _read_yaml(Path(path))))
+        for name, value in env.items():
+            if not name.startswith(ENV_PREFIX) or name in _NON_KEY_ENV:
+                continue
+            key = name[len(ENV_PREFIX):].lower()
+            layers.append((Source("env", name), {key: value}))
+        if overrides:
+            layers.append((Source(overrides_source), overrides))
+        return cls._from_layers(layers)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "code") -> LMCacheEngineConfig:
+        """Config from a plain mapping (tests, embedding), validated like :meth:`load`."""
+        return cls._from_layers([(Source(source), values)])
+
+    @classmethod
+    def _from_layers(cls, layers: list[tuple[Source, Mapping[str, Any]]]) -> LMCacheEngineConfig:
+        values: dict[str, Any] = {}
+        sources: dict[str, Source] = {}
+        for source, mapping in layers:
+            for name, raw in mapping.items():
+                spec = KEYS_BY_NAME.get(str(name))
+                if spec is None:
+                    _warn_unknown_once(str(name), source)
+                    continue
+                values[spec.name] = _parse(spec, raw, source)
+                sources[spec.name] = source
+        config = cls(**values, sources=sources)
+        config._check_combinations()
+        return config
+
+    def _check_combinations(self) -> None:
+        if not self.local_cpu_use_hugepages:
+            return
+        if self.enable_p2p:
+            raise ConfigError(self._conflict("enable_p2p", "P2P mode"))
+        if self.shm_name:
+            raise ConfigError(self._conflict("shm_name", "shared memory (shm_name set)"))
+
+    def _conflict(self, other: str, what: str) -> str:
+        return (
+            f"local_cpu_use_hugepages=true ({self.source_of('local_cpu_use_hugepages')}) is "
+            f"incompatible with {what}: {other} comes from {self.source_of(other)}; "
+            f"allowed: disable one of them"
+        )
+
+    def effective(self) -> list[tuple[str, Any, Source]]:
+        """(key, value, source) for every key, secrets in ``remote_url`` redacted."""
+        rows = []
+        for spec in KEYS:
+            value = getattr(self, spec.name)
+            if spec.name == "remote_url" and value:
+                value = redact_url(value)
+            rows.append((spec.name, value, self.source_of(spec.name)))
+        return rows
+
+
+def _parse(spec: KeySpec, raw: Any, source: Source) -> Any:
+    try:
+        value = spec.parse(raw)
+    except ValueError as err:
+        raise ConfigError(
+            f"{spec.name}: invalid value {_show(spec, raw)} from {source}; allowed: {err}"
+        ) from None
+    problem = spec.check(value) if spec.check else None
+    if problem:
+        raise ConfigError(
+            f"{spec.name}: invalid value {_show(spec, raw)} from {source}; allowed: {problem}"
+        )
+    return value
+
+
+def _show(spec: KeySpec, raw: Any) -> str:
+    if spec.name == "remote_url":
+        return repr(redact_url(str(raw)))
+    return repr(raw)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, safe for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
+
+
+def _read_yaml(path: Path) -> Mapping[str, Any]:
+    where = f"{CONFIG_FILE_ENV}={path}"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path} (named by {where})") from None
+    except OSError as err:
+        raise ConfigError(f"config file unreadable: {path} (named by {where}): {err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"config file {path}: malformed YAML{line}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: top level is a {type(data).__name__}; allowed: a mapping of "
+            f"LMCache keys (e.g. 'chunk_size: 256')"
+        )
+    return data

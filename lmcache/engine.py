@@ -1,0 +1,180 @@
+"""The public engine: store, look up, retrieve and prefetch KV by token prefix."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+
+import torch
+
+from lmcache.config import LMCacheEngineConfig
+from lmcache.keys import ChunkRange, KeyScheme, Tokens
+from lmcache.log import log_lookup, log_store, setup_logging
+from lmcache.memory.pool import ChunkBuffer
+from lmcache.metrics import EngineMetrics
+from lmcache.spec import KVSpec
+from lmcache.storage.backend import StorageBackend
+from lmcache.storage.manager import StorageManager
+
+logger = logging.getLogger("lmcache")
+
+ChunkFill = Callable[[ChunkRange, torch.Tensor], None]
+
+
+class PrefetchHandle:
+    """A background load of a prefix into the CPU cache; ``wait`` returns the tokens now hot."""
+
+    def __init__(self, future: Future[int]) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self._future.result(timeout)
+
+
+class LMCacheEngine:
+    """KV cache for one model shard (one TP rank) in one process."""
+
+    def __init__(
+        self,
+        config: LMCacheEngineConfig,
+        spec: KVSpec,
+        model_name: str,
+        world_size: int = 1,
+        rank: int = 0,
+        lower_tiers: Sequence[StorageBackend] | None = None,
+    ) -> None:
+        setup_logging()
+        self.config = config
+        self.spec = spec
+        self.scheme = KeyScheme(model_name, world_size, rank, spec.dtype_name, config.chunk_size)
+        self.metrics = EngineMetrics({"model": model_name, "rank": str(rank)})
+        self.storage = StorageManager(config, spec, self.metrics, lower_tiers)
+        self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lmcache-prefetch")
+        if config.metrics_port:
+            self.metrics.serve(config.metrics_port)
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def chunks(self, tokens: Tokens) -> list[ChunkRange]:
+        """The storable chunks of ``tokens`` (trailing partial one only with save_unfull_chunk)."""
+        return self.scheme.chunks(tokens, include_partial=self.config.save_unfull_chunk)
+
+    # -- store ---------------------------------------------------------------------------
+
+    def store(
+        self, tokens: Tokens, kv: torch.Tensor, request_id: str | None = None, kv_offset: int = 0
+    ) -> int:
+        """Store KV for ``tokens``; ``kv`` covers ``tokens[kv_offset:]``. Returns tokens newly
+        stored (chunks already cached, and chunks before ``kv_offset``, are skipped)."""
+        self.spec.check(kv, len(tokens) - kv_offset)
+
+        def fill(chunk: ChunkRange, dst: torch.Tensor) -> None:
+            dst.copy_(kv[:, :, chunk.start - kv_offset : chunk.end - kv_offset])
+
+        return self.store_chunks(tokens, fill, request_id, skip_tokens=kv_offset)
+
+    def store_chunks(
+        self,
+        tokens: Tokens,
+        fill: ChunkFill,
+        request_id: str | None = None,
+        skip_tokens: int = 0,
+    ) -> int:
+        """Store with a caller-provided copy: ``fill(chunk, dst)`` writes one chunk's KV into
+        the pool slot ``dst`` (e.g. gathered straight from vLLM's paged GPU cache)."""
+        chunks = [c for c in self.chunks(tokens) if c.start >= skip_tokens]
+        stored = self.storage.store(chunks, fill)
+        if request_id is not None:
+            log_store(request_id, stored, len(tokens))
+        return stored
+
+    # -- lookup --------------------------------------------------------------------------
+
+    def lookup(self, tokens: Tokens, request_id: str | None = None) -> int:
+        """Length in tokens of the longest prefix of ``tokens`` held by any tier."""
+        chunks = self.chunks(tokens)
+        found, in_cpu = self.storage.lookup([c.key for c in chunks])
+        hit = chunks[found - 1].end if found else 0
+        m = self.metrics
+        m.labels(m.lookups).inc()
+        m.labels(m.lookup_tokens).inc(len(tokens))
+        m.labels(m.hit_tokens).inc(hit)
+        if request_id is not None:
+            log_lookup(request_id, len(tokens), hit, hit)
+        if self.config.prefetch and found > in_cpu:
+            self._prefetcher.submit(self._prefetch, chunks[:found])
+        return hit
+
+    # -- retrieve ------------------------------------------------------------------------
+
+    @contextmanager
+    def retrieve_chunks(
+        self, tokens: Tokens, max_tokens: int | None = None
+    ) -> Iterator[list[tuple[ChunkRange, torch.Tensor]]]:
+        """Pinned KV views of the longest cached prefix, chunk by chunk, valid inside the
+        ``with`` block: the caller copies them where it needs them (zero extra copies)."""
+        chunks = self.chunks(tokens)
+        if max_tokens is not None:
+            chunks = [c for c in chunks if c.end <= max_tokens]
+        buffers = self.storage.acquire([c.key for c in chunks])
+        try:
+            views = [(c, b.kv()) for c, b in zip(chunks, buffers, strict=False)]
+            nbytes = sum(b.nbytes for b in buffers)
+            m = self.metrics
+            m.labels(m.retrieved_tokens).inc(views[-1][0].end if views else 0)
+            m.labels(m.retrieved_bytes).inc(nbytes)
+            yield views
+        finally:
+            for buffer in buffers:
+                self.storage.release(buffer)
+
+    def retrieve(
+        self, tokens: Tokens, out: torch.Tensor | None = None
+    ) -> tuple[int, torch.Tensor]:
+        """(n, KV of ``tokens[:n]``) for the longest cached prefix; ``out`` (shaped for all of
+        ``tokens``) avoids an allocation, and the result is then a view of it."""
+        with self.retrieve_chunks(tokens) as views:
+            n = views[-1][0].end if views else 0
+            if out is None:
+                out = torch.empty(self.spec.shape(n), dtype=self.spec.dtype)
+            for chunk, kv in views:
+                out[:, :, chunk.start : chunk.end].copy_(kv)
+        return n, out[:, :, :n]
+
+    # -- prefetch ------------------------------------------------------------------------
+
+    def prefetch(self, tokens: Tokens) -> PrefetchHandle:
+        """Start loading the disk/remote part of a cached prefix into CPU; returns at once."""
+        return PrefetchHandle(self._prefetcher.submit(self._prefetch, self.chunks(tokens)))
+
+    def _prefetch(self, chunks: list[ChunkRange]) -> int:
+        if not self.config.local_cpu:
+            return 0
+        buffers = self.storage.acquire([c.key for c in chunks])
+        for buffer in buffers:
+            self.storage.release(buffer)
+        return chunks[len(buffers) - 1].end if buffers else 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until background writes to disk/remote are done."""
+        return self.storage.flush(timeout)
+
+    def close(self) -> None:
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        self.storage.close()
+
+    def __enter__(self) -> LMCacheEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["ChunkBuffer", "LMCacheEngine", "PrefetchHandle"]

@@ -1,0 +1,72 @@
+"""Chunk keys: a chained hash over the whole token prefix.
+
+Keys must be identical across processes, hosts and restarts so that another pod, a restarted
+pod or Valkey can hit: Python's seeded ``hash()`` is never used. Each chunk's digest covers the
+previous chunk's digest, so a key names the entire prefix up to that chunk's end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xxhash
+
+Tokens = Sequence[int] | np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class ChunkRange:
+    """Tokens ``[start, end)`` of a prompt and the key of the prefix ending at ``end``."""
+
+    start: int
+    end: int
+    key: str
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class KeyScheme:
+    """Everything besides the tokens that makes KV reusable: model, TP shard and dtype."""
+
+    model_name: str
+    world_size: int
+    rank: int
+    dtype_name: str
+    chunk_size: int
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.model_name}@{self.world_size}@{self.rank}@{self.dtype_name}@"
+
+    def chunks(self, tokens: Tokens, include_partial: bool) -> list[ChunkRange]:
+        """Chunk ranges with keys; the trailing partial chunk only if ``include_partial``."""
+        data = as_token_bytes(tokens)
+        num_tokens = len(data) // 4
+        step = self.chunk_size
+        limit = num_tokens if include_partial else num_tokens - num_tokens % step
+        view = memoryview(data)
+        digest = b""
+        prefix = self.prefix
+        out: list[ChunkRange] = []
+        for start in range(0, limit, step):
+            end = min(start + step, limit)
+            digest = xxhash.xxh3_128_digest(digest + view[start * 4 : end * 4])
+            out.append(ChunkRange(start, end, prefix + digest.hex()))
+        return out
+
+
+def as_token_bytes(tokens: Tokens) -> bytes:
+    """Token ids as little-endian uint32 bytes: one fixed encoding for every input type."""
+    if isinstance(tokens, torch.Tensor):
+        array = tokens.detach().cpu().numpy()
+    else:
+        array = np.asarray(tokens)
+    if array.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {array.shape}")
+    return array.astype("<u4", copy=False).tobytes()

@@ -1,0 +1,142 @@
+"""The pinned CPU pool: allocated once at start, sub-allocated into fixed-size chunk slots.
+
+Fixed-size slots (one full chunk each) make fragmentation impossible: any free slot fits any
+chunk, so an allocation fails only when every slot is in use. The same slots hold the CPU hot
+cache and stage transfers to and from disk and the remote tier.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from lmcache.config import ConfigError, LMCacheEngineConfig
+from lmcache.memory.hugepages import map_hugepages
+from lmcache.spec import KVSpec
+
+logger = logging.getLogger("lmcache")
+
+
+@dataclass
+class ChunkBuffer:
+    """One slot of the pool holding ``num_tokens`` tokens of KV.
+
+    ``refs`` counts holders that keep it from being evicted or freed: the CPU cache index
+    (while cached), in-flight loads, and pending write-backs to lower tiers.
+    """
+
+    pool: MemoryPool
+    slot: int
+    num_tokens: int = 0
+    refs: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_tokens * self.pool.spec.bytes_per_token
+
+    def kv(self) -> torch.Tensor:
+        """The KV view ``[num_layers, kv_factor, num_tokens, heads, head_size]`` of the slot."""
+        spec = self.pool.spec
+        raw = self.pool.slot_bytes(self.slot)[: self.nbytes]
+        return raw.view(spec.dtype).view(spec.shape(self.num_tokens))
+
+    def raw(self, nbytes: int | None = None) -> torch.Tensor:
+        """The slot's first ``nbytes`` bytes (default: the used bytes) as uint8."""
+        return self.pool.slot_bytes(self.slot)[: self.nbytes if nbytes is None else nbytes]
+
+
+class MemoryPool:
+    """``capacity`` bytes carved into ``num_slots`` slots of one full chunk each."""
+
+    def __init__(
+        self, config: LMCacheEngineConfig, spec: KVSpec, hugepages_without_cuda: bool = False
+    ) -> None:
+        """``hugepages_without_cuda`` maps hugepages even on a CPU-only host (tests of the
+        mapping); the engine never sets it, following the seed's fallback rule."""
+        self.spec = spec
+        self.slot_size = config.chunk_size * spec.bytes_per_token
+        capacity = config.max_local_cpu_bytes
+        self.num_slots = capacity // self.slot_size
+        if self.num_slots < 1:
+            raise ConfigError(
+                f"max_local_cpu_size: {config.max_local_cpu_size:g} GB "
+                f"({config.source_of('max_local_cpu_size')}) holds no chunk of this model; "
+                f"allowed: at least {self.slot_size / (1 << 30):.4f} GB "
+                f"(chunk_size={config.chunk_size} x {spec.bytes_per_token} bytes per token)"
+            )
+        self.capacity = self.num_slots * self.slot_size
+        self._mapping: mmap.mmap | None = None
+        self._registered = False
+        self.hugepages = False
+        self.pinned = False
+        self._buffer = self._allocate(config, hugepages_without_cuda)
+        self._free = list(range(self.num_slots - 1, -1, -1))
+        self._lock = threading.Lock()
+
+    def _allocate(self, config: LMCacheEngineConfig, hugepages_without_cuda: bool) -> torch.Tensor:
+        cuda = torch.cuda.is_available()
+        if config.local_cpu_use_hugepages and not (cuda or hugepages_without_cuda):
+            logger.warning(
+                "local_cpu_use_hugepages is not supported on a non-CUDA platform; "
+                "using a regular allocation for the %d-byte pool", self.capacity
+            )
+        elif config.local_cpu_use_hugepages:
+            origin = str(config.source_of("local_cpu_use_hugepages"))
+            self._mapping = map_hugepages(self.capacity, origin)
+            buffer = torch.frombuffer(self._mapping, dtype=torch.uint8)[: self.capacity]
+            self.hugepages = True
+            if cuda:
+                self._register(buffer)
+            return buffer
+        if cuda:
+            self.pinned = True
+            return torch.empty(self.capacity, dtype=torch.uint8, pin_memory=True)
+        return torch.empty(self.capacity, dtype=torch.uint8)
+
+    def _register(self, buffer: torch.Tensor) -> None:
+        """Page-lock a hugepage mapping with CUDA so copies to the GPU are DMA, not staged."""
+        err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister of the hugepage pool failed: {err}")
+        self._registered = self.pinned = True
+
+    def slot_bytes(self, slot: int) -> torch.Tensor:
+        start = slot * self.slot_size
+        return self._buffer[start : start + self.slot_size]
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_bytes(self) -> int:
+        return (self.num_slots - len(self._free)) * self.slot_size
+
+    def allocate(self, num_tokens: int) -> ChunkBuffer | None:
+        """A free slot for ``num_tokens`` tokens, or None when the pool is full."""
+        with self._lock:
+            if not self._free:
+                return None
+            slot = self._free.pop()
+        return ChunkBuffer(self, slot, num_tokens, refs=1)
+
+    def free(self, buffer: ChunkBuffer) -> None:
+        with self._lock:
+            self._free.append(buffer.slot)
+
+    def close(self) -> None:
+        """Unregister and unmap; the pool must not be used afterwards."""
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self._buffer.data_ptr())
+            self._registered = False
+        del self._buffer
+        if self._mapping is not None:
+            mapping, self._mapping = self._mapping, None
+            try:
+                mapping.close()
+            except BufferError:
+                logger.debug("hugepage mapping still referenced; the OS frees it at exit")
