@@ -1,0 +1,19 @@
+# e2e harness: a real control plane built from Go modules, end-to-end tests, operator benchmark.
+# See docs/e2e.md.
+
+E2E_BIN := .e2e/bin
+E2E_PYTEST_ARGS ?=
+
+e2e-tools: ## build kube-apiserver/-controller-manager/-scheduler, kubectl, etcd, kwok, helm (cached by version)
+	e2e/tools/build.sh
+
+e2e-up: e2e-tools ## start the local control plane + fake GPU/hugepage nodes; writes .e2e/kubeconfig
+	$(PYTHON) -m e2e.cluster up
+
+e2e-down: ## stop the local control plane started by e2e-up
+	$(PYTHON) -m e2e.cluster down
+
+e2e: $(STAMP) e2e-tools ## end-to-end tests (local control plane, or the cluster in KUBECONFIG)
+	$(PY) -m pytest -q -p no:cacheprovider -o testpaths=e2e $(E2E_PYTEST_ARGS) e2e
+
+.PHONY: e2e-tools e2e-up e2e-down e2e
