@@ -144,34 +144,90 @@ class KeySpec:
 
 
 KEYS: tuple[KeySpec, ...] = (
-    KeySpec("chunk_size", _parse_int, 256, "tokens per KV chunk (the unit of hashing and storage)",
-            lambda v: None if v > 0 else "an integer > 0"),
-    KeySpec("local_cpu", _parse_bool, True,
-            "keep KV in the pinned CPU pool as an LRU hot cache (the pool exists either way)"),
-    KeySpec("max_local_cpu_size", _parse_float, 5.0,
-            "pinned CPU pool size in GB (2^30 bytes); also the staging buffer for disk/remote",
-            _positive),
-    KeySpec("local_cpu_use_hugepages", _parse_bool, False,
-            "back the pool with 2 MiB hugepages (needs vm.nr_hugepages; CUDA platforms only)"),
-    KeySpec("enable_p2p", _parse_bool, False,
-            "P2P KV sharing between instances (not implemented; incompatible with hugepages)"),
-    KeySpec("shm_name", _parse_optional_str, None,
-            "shared-memory pool name (not implemented; incompatible with hugepages)"),
-    KeySpec("local_disk", _parse_optional_str, None,
-            "directory of the local disk tier (plain path or file:// URL); unset = no disk tier"),
-    KeySpec("max_local_disk_size", _parse_float, 0.0,
-            "disk tier size in GB (2^30 bytes); LRU-evicted beyond it", _non_negative),
-    KeySpec("remote_url", _parse_optional_str, None,
-            "remote tier: valkey://host:port[/db], redis://, valkeys://, rediss://, unix://path",
-            _remote_url),
-    KeySpec("remote_serde", lambda raw: str(raw).strip(), "naive",
-            "remote value encoding: naive = raw bytes behind a checked header", _remote_serde),
-    KeySpec("save_unfull_chunk", _parse_bool, True,
-            "also store the trailing partial chunk of a prompt (as in the seed's example log)"),
-    KeySpec("prefetch", _parse_bool, False,
-            "a lookup that finds chunks on disk/remote starts loading them into CPU at once"),
-    KeySpec("metrics_port", _parse_optional_int, None,
-            "serve Prometheus metrics on this port (unset = no HTTP endpoint)", _port),
+    KeySpec(
+        "chunk_size",
+        _parse_int,
+        256,
+        "tokens per KV chunk (the unit of hashing and storage)",
+        lambda v: None if v > 0 else "an integer > 0",
+    ),
+    KeySpec(
+        "local_cpu",
+        _parse_bool,
+        True,
+        "keep KV in the pinned CPU pool as an LRU hot cache (the pool exists either way)",
+    ),
+    KeySpec(
+        "max_local_cpu_size",
+        _parse_float,
+        5.0,
+        "pinned CPU pool size in GB (2^30 bytes); also the staging buffer for disk/remote",
+        _positive,
+    ),
+    KeySpec(
+        "local_cpu_use_hugepages",
+        _parse_bool,
+        False,
+        "back the pool with 2 MiB hugepages (needs vm.nr_hugepages; CUDA platforms only)",
+    ),
+    KeySpec(
+        "enable_p2p",
+        _parse_bool,
+        False,
+        "P2P KV sharing between instances (not implemented; incompatible with hugepages)",
+    ),
+    KeySpec(
+        "shm_name",
+        _parse_optional_str,
+        None,
+        "shared-memory pool name (not implemented; incompatible with hugepages)",
+    ),
+    KeySpec(
+        "local_disk",
+        _parse_optional_str,
+        None,
+        "directory of the local disk tier (plain path or file:// URL); unset = no disk tier",
+    ),
+    KeySpec(
+        "max_local_disk_size",
+        _parse_float,
+        0.0,
+        "disk tier size in GB (2^30 bytes); LRU-evicted beyond it",
+        _non_negative,
+    ),
+    KeySpec(
+        "remote_url",
+        _parse_optional_str,
+        None,
+        "remote tier: valkey://host:port[/db], redis://, valkeys://, rediss://, unix://path",
+        _remote_url,
+    ),
+    KeySpec(
+        "remote_serde",
+        lambda raw: str(raw).strip(),
+        "naive",
+        "remote value encoding: naive = raw bytes behind a checked header",
+        _remote_serde,
+    ),
+    KeySpec(
+        "save_unfull_chunk",
+        _parse_bool,
+        True,
+        "also store the trailing partial chunk of a prompt (as in the seed's example log)",
+    ),
+    KeySpec(
+        "prefetch",
+        _parse_bool,
+        False,
+        "a lookup that finds chunks on disk/remote starts loading them into CPU at once",
+    ),
+    KeySpec(
+        "metrics_port",
+        _parse_optional_int,
+        None,
+        "serve Prometheus metrics on this port (unset = no HTTP endpoint)",
+        _port,
+    ),
 )
 KEYS_BY_NAME: Mapping[str, KeySpec] = {k.name: k for k in KEYS}
 
@@ -182,8 +238,9 @@ def _warn_unknown_once(name: str, source: Source) -> None:
     if name in _warned_unknown:
         return
     _warned_unknown.add(name)
-    logger.warning("LMCache config key %r (%s) is not implemented by this engine; ignored",
-                   name, source)
+    logger.warning(
+        "LMCache config key %r (%s) is not implemented by this engine; ignored", name, source
+    )
 
 
 @dataclass(frozen=True)
@@ -241,7 +298,7 @@ class LMCacheEngineConfig:
         for name, value in env.items():
             if not name.startswith(ENV_PREFIX) or name in _NON_KEY_ENV:
                 continue
-            key = name[len(ENV_PREFIX):].lower()
+            key = name[len(ENV_PREFIX) :].lower()
             layers.append((Source("env", name), {key: value}))
         if overrides:
             layers.append((Source(overrides_source), overrides))

@@ -55,6 +55,7 @@ class LMCacheEngine:
         self.metrics = EngineMetrics({"model": model_name, "rank": str(rank)})
         self.storage = StorageManager(config, spec, self.metrics, lower_tiers)
         self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lmcache-prefetch")
+        self._closed = False
         if config.metrics_port:
             self.metrics.serve(config.metrics_port)
 
@@ -133,9 +134,7 @@ class LMCacheEngine:
             for buffer in buffers:
                 self.storage.release(buffer)
 
-    def retrieve(
-        self, tokens: Tokens, out: torch.Tensor | None = None
-    ) -> tuple[int, torch.Tensor]:
+    def retrieve(self, tokens: Tokens, out: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
         """(n, KV of ``tokens[:n]``) for the longest cached prefix; ``out`` (shaped for all of
         ``tokens``) avoids an allocation, and the result is then a view of it."""
         with self.retrieve_chunks(tokens) as views:
@@ -167,6 +166,10 @@ class LMCacheEngine:
         return self.storage.flush(timeout)
 
     def close(self) -> None:
+        """Finish background work and free the pool; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self._prefetcher.shutdown(wait=True, cancel_futures=True)
         self.storage.close()
 

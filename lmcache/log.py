@@ -27,12 +27,17 @@ def setup_logging() -> None:
 def log_lookup(request_id: str, total_tokens: int, hit_tokens: int, need_to_load: int) -> None:
     logger.info(
         "Reqid: %s, Total tokens %d, LMCache hit tokens: %d, need to load: %d",
-        request_id, total_tokens, hit_tokens, need_to_load,
+        request_id,
+        total_tokens,
+        hit_tokens,
+        need_to_load,
     )
 
 
 def log_store(request_id: str, stored_tokens: int, total_tokens: int) -> None:
     logger.info(
         "Storing KV cache for %d out of %d tokens for request %s",
-        stored_tokens, total_tokens, request_id,
+        stored_tokens,
+        total_tokens,
+        request_id,
     )

@@ -48,8 +48,11 @@ class EngineMetrics:
         self.tier_ops = counter("tier_ops", "lower-tier operations", ("tier", "op"))
         self.tier_bytes = counter("tier_bytes", "bytes moved to/from a tier", ("tier", "op"))
         self.tier_latency = Histogram(
-            "lmcache_tier_latency_seconds", "lower-tier operation latency", [*names, "tier", "op"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "lmcache_tier_latency_seconds",
+            "lower-tier operation latency",
+            [*names, "tier", "op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.pool_used_bytes = gauge("pool_used_bytes", "pinned pool bytes in use")
         self.pool_total_bytes = gauge("pool_total_bytes", "pinned pool capacity in bytes")

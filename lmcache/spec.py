@@ -43,8 +43,12 @@ class KVSpec:
 
     @property
     def bytes_per_token(self) -> int:
-        return self.num_layers * self.kv_factor * self.num_kv_heads * self.head_size * (
-            self.element_size
+        return (
+            self.num_layers
+            * self.kv_factor
+            * self.num_kv_heads
+            * self.head_size
+            * (self.element_size)
         )
 
     def shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:

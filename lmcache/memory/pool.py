@@ -82,7 +82,8 @@ class MemoryPool:
         if config.local_cpu_use_hugepages and not (cuda or hugepages_without_cuda):
             logger.warning(
                 "local_cpu_use_hugepages is not supported on a non-CUDA platform; "
-                "using a regular allocation for the %d-byte pool", self.capacity
+                "using a regular allocation for the %d-byte pool",
+                self.capacity,
             )
         elif config.local_cpu_use_hugepages:
             origin = str(config.source_of("local_cpu_use_hugepages"))

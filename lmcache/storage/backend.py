@@ -45,5 +45,6 @@ class StorageBackend(ABC):
         """Wait until submitted writes are finished; False on timeout."""
         return True
 
+    @abstractmethod
     def close(self) -> None:
         """Stop background work; pending writes are finished or released."""

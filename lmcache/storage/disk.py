@@ -115,7 +115,7 @@ class DiskBackend(StorageBackend):
                 rest = f.read(serde.variable_size(prefix) - serde.FIXED_SIZE)
                 header = serde.decode_header(prefix + rest)
                 buffer.num_tokens = header.num_tokens_for(key, self.spec, self.chunk_size)
-                target = buffer.raw().numpy()
+                target = buffer.raw().numpy().data
                 if f.readinto(target) != header.payload_len or f.read(1):
                     raise serde.CorruptValue("file length does not match its header")
             serde.verify_payload(header, target)
@@ -158,7 +158,7 @@ class DiskBackend(StorageBackend):
 
     def _write(self, key: str, buffer: ChunkBuffer) -> None:
         started = time.perf_counter()
-        payload = buffer.raw().numpy()
+        payload = buffer.raw().numpy().data
         header = serde.header_for(key, self.spec, buffer.num_tokens, payload).encode()
         size = len(header) + payload.nbytes
         if size > self.max_bytes:
@@ -169,7 +169,7 @@ class DiskBackend(StorageBackend):
         try:
             with tmp.open("wb") as f:
                 f.write(header)
-                f.write(payload)  # type: ignore[arg-type]
+                f.write(payload)
             os.replace(tmp, path)
         except OSError as err:
             tmp.unlink(missing_ok=True)

@@ -105,6 +105,8 @@ class StorageManager:
         Stops at the first chunk that cannot get a slot: later chunks of the same prefix
         could never be hit without it.
         """
+        if not self.config.local_cpu and not self.lower:
+            return 0  # the pool is staging only and nothing lies below it
         stored = 0
         for position, chunk in enumerate(chunks):
             if self._already_stored(chunk.key):

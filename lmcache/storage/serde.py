@@ -10,7 +10,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-import numpy as np
 import xxhash
 
 from lmcache.spec import KVSpec
@@ -31,7 +30,7 @@ class CorruptValue(ValueError):
     """A stored value that must not be loaded (bad header, wrong key or shape, bad checksum)."""
 
 
-def checksum(payload: memoryview | bytes | np.ndarray) -> int:
+def checksum(payload: memoryview | bytes) -> int:
     return xxhash.xxh3_64_intdigest(payload)
 
 
@@ -45,16 +44,27 @@ class Header:
 
     @property
     def size(self) -> int:
-        return FIXED_SIZE + len(self.key.encode()) + len(self.dtype_name.encode()) + 4 * len(
-            self.shape
+        return (
+            FIXED_SIZE
+            + len(self.key.encode())
+            + len(self.dtype_name.encode())
+            + 4 * len(self.shape)
         )
 
     def encode(self) -> bytes:
         key = self.key.encode()
         dtype = self.dtype_name.encode()
         return (
-            _FIXED.pack(MAGIC, VERSION, 0, len(key), len(dtype), len(self.shape),
-                        self.payload_len, self.checksum)
+            _FIXED.pack(
+                MAGIC,
+                VERSION,
+                0,
+                len(key),
+                len(dtype),
+                len(self.shape),
+                self.payload_len,
+                self.checksum,
+            )
             + key
             + dtype
             + struct.pack(f"<{len(self.shape)}I", *self.shape)
@@ -76,9 +86,8 @@ class Header:
         return num_tokens
 
 
-def header_for(key: str, spec: KVSpec, num_tokens: int, payload: memoryview | np.ndarray) -> Header:
-    return Header(key, spec.dtype_name, spec.shape(num_tokens), len(memoryview(payload).cast("B")),
-                  checksum(payload))
+def header_for(key: str, spec: KVSpec, num_tokens: int, payload: memoryview) -> Header:
+    return Header(key, spec.dtype_name, spec.shape(num_tokens), payload.nbytes, checksum(payload))
 
 
 def fixed_lengths(prefix: bytes) -> tuple[int, int, int, int]:
@@ -120,6 +129,6 @@ def decode_header(data: bytes | memoryview) -> Header:
     return Header(key, dtype_name, tuple(shape), payload_len, stored_checksum)
 
 
-def verify_payload(header: Header, payload: memoryview | np.ndarray) -> None:
+def verify_payload(header: Header, payload: memoryview) -> None:
     if checksum(payload) != header.checksum:
         raise CorruptValue("checksum mismatch")

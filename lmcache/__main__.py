@@ -1,0 +1,5 @@
+import sys
+
+from lmcache.cli import main
+
+sys.exit(main())

@@ -1,0 +1,46 @@
+"""``lmcache`` command line: ``lmcache check-config`` shows the effective config and sources."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lmcache.config import KEYS_BY_NAME, ConfigError, LMCacheEngineConfig
+
+
+def check_config() -> int:
+    """Print every key's effective value and where it came from; exit 1 on a bad config."""
+    try:
+        config = LMCacheEngineConfig.load()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    rows = [
+        (key, "-" if value is None else str(value), str(source))
+        for key, value, source in config.effective()
+    ]
+    width_key = max(len(r[0]) for r in rows)
+    width_value = max(len(r[1]) for r in rows)
+    for key, value, source in rows:
+        print(f"{key:<{width_key}}  {value:<{width_value}}  {source}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lmcache", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "check-config",
+        help="print the effective config (defaults < LMCACHE_CONFIG_FILE < LMCACHE_* env)",
+        description="Keys: " + ", ".join(KEYS_BY_NAME),
+    )
+    args = parser.parse_args(argv)
+    if args.command == "check-config":
+        return check_config()
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

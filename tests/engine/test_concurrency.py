@@ -1,0 +1,67 @@
+"""Many threads storing, looking up, retrieving and prefetching overlapping prefixes through a
+pool small enough to evict constantly: every retrieved token must carry its own KV."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import torch
+
+from lmcache import KVSpec, LMCacheEngine, LMCacheEngineConfig
+
+SPEC = KVSpec(num_layers=2, num_kv_heads=1, head_size=8, dtype=torch.float32)
+CHUNK = 8
+
+
+def kv_for(prompt: list[int]) -> torch.Tensor:
+    """KV whose every element at position t is the token id: checkable after any reshuffle."""
+    ids = torch.tensor(prompt, dtype=torch.float32)
+    return ids.view(1, 1, -1, 1, 1).expand(SPEC.shape(len(prompt))).contiguous()
+
+
+def test_threads_never_see_wrong_kv(tmp_path: Path) -> None:
+    slots = 12
+    config = LMCacheEngineConfig.from_mapping(
+        {
+            "chunk_size": CHUNK,
+            "max_local_cpu_size": slots * CHUNK * SPEC.bytes_per_token / (1 << 30),
+            "local_disk": str(tmp_path),
+            "max_local_disk_size": 0.001,
+        }
+    )
+    prompts = [[p * 1000 + t for t in range(8 * CHUNK)] for p in range(6)]
+    errors: list[str] = []
+    hits = 0
+    hits_lock = threading.Lock()
+
+    def worker(seed: int) -> None:
+        nonlocal hits
+        rng = random.Random(seed)
+        for _ in range(60):
+            prompt = rng.choice(prompts)[: rng.randrange(CHUNK, 8 * CHUNK + 1)]
+            action = rng.random()
+            if action < 0.4:
+                engine.store(prompt, kv_for(prompt))
+            elif action < 0.5:
+                engine.prefetch(prompt)
+            else:
+                engine.lookup(prompt)
+                n, out = engine.retrieve(prompt)
+                if n and not torch.equal(out, kv_for(prompt)[:, :, :n]):
+                    errors.append(f"wrong KV for prompt starting {prompt[0]} n={n}")
+                with hits_lock:
+                    hits += n > 0
+
+    with LMCacheEngine(config, SPEC, "concurrent") as engine:
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert engine.flush(timeout=60)
+        pool = engine.storage.pool
+        assert pool.free_slots + len(engine.storage.cpu) == pool.num_slots, "no leaked slots"
+    assert not errors, errors[:5]
+    assert hits > 0

@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmcache.storage.disk import SUFFIX, DiskBackend
+from lmcache.storage.serde import FIXED_SIZE
+from tests.engine.conftest import CHUNK_BYTES, EngineFactory, random_kv, tokens
+
+GB = 1 << 30
+
+
+def disk_config(path: Path, chunks: int = 64) -> dict[str, object]:
+    return {"local_disk": str(path), "max_local_disk_size": chunks * (CHUNK_BYTES + 256) / GB}
+
+
+def disk_of(engine: object) -> DiskBackend:
+    tier = engine.storage.lower[0]  # type: ignore[attr-defined]
+    assert isinstance(tier, DiskBackend)
+    return tier
+
+
+def chunk_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*" + SUFFIX))
+
+
+def test_cache_survives_restart(make_engine: EngineFactory, tmp_path: Path) -> None:
+    kv = random_kv(64)
+    first = make_engine(**disk_config(tmp_path))
+    first.store(tokens(64), kv)
+    assert first.flush(timeout=30)
+    first.close()
+    assert len(chunk_files(tmp_path)) == 4
+
+    second = make_engine(**disk_config(tmp_path))
+    assert second.lookup(tokens(64)) == 64
+    n, out = second.retrieve(tokens(64))
+    assert n == 64 and torch.equal(out, kv)
+    assert second.metrics.value("lmcache_tier_hit_chunks_total", tier="disk") == 4
+    assert second.storage.cpu_prefix([c.key for c in second.chunks(tokens(64))]) == 4, (
+        "disk hits are promoted to the CPU hot cache"
+    )
+
+
+def test_file_url_form(make_engine: EngineFactory, tmp_path: Path) -> None:
+    engine = make_engine(local_disk=f"file://{tmp_path}/", max_local_disk_size=0.01)
+    engine.store(tokens(16), random_kv(16))
+    assert engine.flush(timeout=30) and len(chunk_files(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("damage", ["flip_payload", "truncate", "bad_magic", "swap_files"])
+def test_corrupt_file_is_a_miss_and_removed(
+    make_engine: EngineFactory, tmp_path: Path, damage: str
+) -> None:
+    kv = random_kv(32)
+    writer = make_engine(**disk_config(tmp_path))
+    writer.store(tokens(32), kv)
+    assert writer.flush(timeout=30)
+    writer.close()
+    first, second = (disk_of(writer).path_of(c.key) for c in writer.chunks(tokens(32)))
+    data = bytearray(second.read_bytes())
+    if damage == "flip_payload":
+        data[-100] ^= 0xFF
+        second.write_bytes(data)
+    elif damage == "truncate":
+        second.write_bytes(data[: len(data) // 2])
+    elif damage == "bad_magic":
+        second.write_bytes(b"XXXX" + data[4:])
+    else:  # a valid file under another chunk's name
+        second.write_bytes(first.read_bytes())
+
+    reader = make_engine(**disk_config(tmp_path))
+    n, out = reader.retrieve(tokens(32))
+    assert n == 16, "only the intact first chunk loads"
+    assert torch.equal(out, kv[:, :, :16])
+    assert not second.exists(), "a corrupt file is deleted"
+    assert reader.metrics.value("lmcache_corrupt_values_total", tier="disk") == 1
+
+
+def test_corrupted_after_indexing(make_engine: EngineFactory, tmp_path: Path) -> None:
+    engine = make_engine(local_cpu=False, **disk_config(tmp_path))
+    kv = random_kv(16)
+    engine.store(tokens(16), kv)
+    assert engine.flush(timeout=30)
+    (path,) = chunk_files(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[FIXED_SIZE + 10] ^= 0x01  # inside the key
+    path.write_bytes(data)
+    assert engine.lookup(tokens(16)) == 16, "the index still lists it"
+    assert engine.retrieve(tokens(16))[0] == 0, "but the bytes are refused"
+    assert engine.lookup(tokens(16)) == 0
+
+
+def test_disk_lru_bound(make_engine: EngineFactory, tmp_path: Path) -> None:
+    engine = make_engine(**disk_config(tmp_path, chunks=3))
+    for i in range(5):
+        engine.store(tokens(16, 1000 * i), random_kv(16, i))
+        assert engine.flush(timeout=30)
+    assert len(chunk_files(tmp_path)) == 3
+    assert disk_of(engine).used_bytes <= engine.config.max_local_disk_bytes
+    assert engine.metrics.value("lmcache_evictions_total", tier="disk") == 2
+
+
+def test_staging_only_pool_with_disk(make_engine: EngineFactory, tmp_path: Path) -> None:
+    """local_cpu: false still uses the pool as the staging buffer for the disk tier."""
+    engine = make_engine(local_cpu=False, **disk_config(tmp_path))
+    kv = random_kv(48)
+    assert engine.store(tokens(48), kv) == 48
+    assert engine.flush(timeout=30)
+    assert engine.storage.pool.free_slots == engine.storage.pool.num_slots
+    n, out = engine.retrieve(tokens(48))
+    assert n == 48 and torch.equal(out, kv)
+    assert engine.storage.pool.free_slots == engine.storage.pool.num_slots
+    assert engine.store(tokens(48), kv) == 0, "already on disk"
+
+
+def test_full_disk_is_a_counted_miss(make_engine: EngineFactory, tmp_path: Path) -> None:
+    """A real ENOSPC from the kernel: the temp file is a symlink to /dev/full."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full to produce ENOSPC")
+    engine = make_engine(local_cpu=False, **disk_config(tmp_path))
+    (chunk,) = engine.chunks(tokens(16))
+    target = disk_of(engine).path_of(chunk.key)
+    os.symlink("/dev/full", target.with_name(target.name + ".tmp"))
+    assert engine.store(tokens(16), random_kv(16)) == 16
+    assert engine.flush(timeout=30)
+    assert engine.metrics.value("lmcache_tier_errors_total", tier="disk", op="write") == 1
+    assert engine.lookup(tokens(16)) == 0
+    assert engine.storage.pool.free_slots == engine.storage.pool.num_slots
+
+
+def test_prefetch_warms_cpu_from_disk(make_engine: EngineFactory, tmp_path: Path) -> None:
+    kv = random_kv(64)
+    writer = make_engine(**disk_config(tmp_path))
+    writer.store(tokens(64), kv)
+    assert writer.flush(timeout=30)
+    writer.close()
+    engine = make_engine(**disk_config(tmp_path))
+    keys = [c.key for c in engine.chunks(tokens(64))]
+    assert engine.storage.cpu_prefix(keys) == 0
+    handle = engine.prefetch(tokens(64))
+    assert handle.wait(timeout=30) == 64
+    assert engine.storage.cpu_prefix(keys) == 4
+    assert torch.equal(engine.retrieve(tokens(64))[1], kv)
+
+
+def test_lookup_triggers_prefetch_when_enabled(make_engine: EngineFactory, tmp_path: Path) -> None:
+    writer = make_engine(**disk_config(tmp_path))
+    writer.store(tokens(32), random_kv(32))
+    assert writer.flush(timeout=30)
+    writer.close()
+    engine = make_engine(prefetch=True, **disk_config(tmp_path))
+    assert engine.lookup(tokens(32)) == 32
+    engine._prefetcher.shutdown(wait=True)  # drain the background load started by lookup
+    keys = [c.key for c in engine.chunks(tokens(32))]
+    assert engine.storage.cpu_prefix(keys) == 2
