@@ -210,6 +210,48 @@ KEYS: tuple[KeySpec, ...] = (
         _remote_serde,
     ),
     KeySpec(
+        "remote_timeout_ms",
+        _parse_int,
+        50,
+        "remote deadline: connecting, a lookup round trip, each chunk of a load",
+        lambda v: None if v > 0 else "an integer > 0",
+    ),
+    KeySpec(
+        "remote_write_timeout_ms",
+        _parse_int,
+        5000,
+        "deadline of one background batch of remote writes",
+        lambda v: None if v > 0 else "an integer > 0",
+    ),
+    KeySpec(
+        "remote_ttl_s",
+        _parse_optional_int,
+        None,
+        "expire remote values after this many seconds (unset = until the server evicts them)",
+        lambda v: None if v is None or v > 0 else "an integer > 0, or unset",
+    ),
+    KeySpec(
+        "remote_write_queue_size",
+        _parse_float,
+        1.0,
+        "GB (2^30 bytes) of pool slots queued remote writes may pin; beyond it writes drop",
+        _positive,
+    ),
+    KeySpec(
+        "remote_breaker_failures",
+        _parse_int,
+        3,
+        "consecutive remote failures that open the circuit breaker (tier skipped)",
+        lambda v: None if v > 0 else "an integer > 0",
+    ),
+    KeySpec(
+        "remote_breaker_backoff_s",
+        _parse_float,
+        5.0,
+        "while the breaker is open, probe the remote server this often (seconds)",
+        _positive,
+    ),
+    KeySpec(
         "save_unfull_chunk",
         _parse_bool,
         True,
@@ -257,6 +299,12 @@ class LMCacheEngineConfig:
     max_local_disk_size: float = 0.0
     remote_url: str | None = None
     remote_serde: str = "naive"
+    remote_timeout_ms: int = 50
+    remote_write_timeout_ms: int = 5000
+    remote_ttl_s: int | None = None
+    remote_write_queue_size: float = 1.0
+    remote_breaker_failures: int = 3
+    remote_breaker_backoff_s: float = 5.0
     save_unfull_chunk: bool = True
     prefetch: bool = False
     metrics_port: int | None = None

@@ -1,0 +1,319 @@
+"""The Valkey/Redis tier: KV shared by every pod of a deployment, off the request path.
+
+Reads (lookups and loads) run on the caller's thread under a short deadline; writes are queued
+from the pool slot and pipelined by one background thread, the queue bounded in bytes. A circuit
+breaker skips the tier while the server is failing, so a dead or slow server costs a request at
+most one deadline; the writer thread probes it back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lmcache.config import GB, LMCacheEngineConfig
+from lmcache.memory.pool import ChunkBuffer
+from lmcache.metrics import EngineMetrics
+from lmcache.spec import KVSpec
+from lmcache.storage import serde
+from lmcache.storage.backend import StorageBackend, WriteDone
+from lmcache.storage.remote.breaker import CircuitBreaker
+from lmcache.storage.remote.client import RemoteClient, RemoteError, ReplyReader, WriteItem
+
+logger = logging.getLogger("lmcache")
+
+TIER = "remote"
+_BATCH_BYTES = 256 << 20
+"""Most bytes pipelined in one write round trip (bounds one batch's time under the deadline)."""
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """The remote tier's knobs, in the units the code uses."""
+
+    timeout_s: float
+    write_timeout_s: float
+    ttl_s: int | None
+    queue_bytes: int
+    breaker_failures: int
+    breaker_backoff_s: float
+    max_tokens: int
+
+    @classmethod
+    def from_config(cls, config: LMCacheEngineConfig) -> RemoteSettings:
+        return cls(
+            timeout_s=config.remote_timeout_ms / 1000,
+            write_timeout_s=config.remote_write_timeout_ms / 1000,
+            ttl_s=config.remote_ttl_s,
+            queue_bytes=int(config.remote_write_queue_size * GB),
+            breaker_failures=config.remote_breaker_failures,
+            breaker_backoff_s=config.remote_breaker_backoff_s,
+            max_tokens=config.chunk_size,
+        )
+
+
+@dataclass
+class _Pending:
+    key: str
+    buffer: ChunkBuffer
+    nbytes: int
+    done: WriteDone
+
+
+class RemoteBackend(StorageBackend):
+    """A ``StorageBackend`` over one Valkey/Redis server; see the module docstring."""
+
+    name = TIER
+
+    def __init__(
+        self, client: RemoteClient, settings: RemoteSettings, spec: KVSpec, metrics: EngineMetrics
+    ) -> None:
+        self._client = client
+        self._settings = settings
+        self._spec = spec
+        self._metrics = metrics
+        self._breaker = CircuitBreaker(
+            settings.breaker_failures, settings.breaker_backoff_s, self._breaker_changed
+        )
+        self._cond = threading.Condition()
+        self._queue: deque[_Pending] = deque()
+        self._queued_bytes = 0
+        """Bytes queued or being written: what the write path pins in the pool."""
+        self._closed = False
+        metrics.labels(metrics.breaker_open).set(0)
+        self._writer = threading.Thread(
+            target=self._write_loop, name="lmcache-remote-writer", daemon=True
+        )
+        self._writer.start()
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self._breaker
+
+    # -- reads (caller's thread, under the deadline) ------------------------------------------
+
+    def contains_prefix(self, keys: Sequence[str]) -> int:
+        if not keys or not self._breaker.allow():
+            return 0
+        start = time.monotonic()
+        try:
+            found = self._client.exists(keys, start + self._settings.timeout_s)
+        except RemoteError as err:
+            self._failed("lookup", err)
+            return 0
+        self._succeeded("lookup", 0, start)
+        return next((i for i, hit in enumerate(found) if not hit), len(found))
+
+    def load_prefix(self, keys: Sequence[str], buffers: Sequence[ChunkBuffer]) -> int:
+        keys = keys[: len(buffers)]
+        if not keys or not self._breaker.allow():
+            return 0
+        start = time.monotonic()
+        filled: list[int] = []
+        refused: list[tuple[str, serde.CorruptValue]] = []
+
+        def consume(i: int, length: int, reader: ReplyReader) -> bool:
+            if length < 0:
+                return False
+            try:
+                self._read_value(reader, keys[i], buffers[i], length)
+            except serde.CorruptValue as err:
+                refused.append((keys[i], err))
+                raise
+            filled.append(buffers[i].nbytes)
+            return True
+
+        # A load moves whole chunks, so its deadline grows with their number.
+        deadline = start + self._settings.timeout_s * len(keys)
+        try:
+            self._client.get_each(keys, deadline, consume)
+        except serde.CorruptValue:
+            pass
+        except RemoteError as err:
+            self._failed("get", err)
+            return len(filled)
+        self._succeeded("get", sum(filled), start, count=len(filled))
+        for key, problem in refused:
+            self._refuse(key, problem)
+        return len(filled)
+
+    def _read_value(self, reader: ReplyReader, key: str, buffer: ChunkBuffer, length: int) -> None:
+        """Validate the header against ``key`` and the spec, stream the payload into the slot,
+        verify its checksum; only then set ``num_tokens``."""
+        if length < serde.FIXED_SIZE:
+            raise serde.CorruptValue(f"value of {length} bytes is shorter than a header")
+        fixed = reader.read(serde.FIXED_SIZE)
+        header_size = serde.variable_size(fixed)
+        if header_size > length:
+            raise serde.CorruptValue("truncated header")
+        header = serde.decode_header(fixed + reader.read(header_size - serde.FIXED_SIZE))
+        num_tokens = header.num_tokens_for(key, self._spec, self._settings.max_tokens)
+        if header_size + header.payload_len != length:
+            raise serde.CorruptValue(
+                f"value is {length} bytes, header says {header_size + header.payload_len}"
+            )
+        payload = buffer.pool.slot_bytes(buffer.slot).numpy().data[: header.payload_len]
+        reader.read_into(payload)
+        reader.expect_crlf()
+        serde.verify_payload(header, payload)
+        buffer.num_tokens = num_tokens
+
+    def _refuse(self, key: str, err: serde.CorruptValue) -> None:
+        """A value failed validation: count it, say so, and delete it so it is rewritten."""
+        m = self._metrics
+        m.labels(m.corrupt, TIER).inc()
+        logger.warning(
+            "remote value for key %s refused (%s); treated as a miss and deleted", key, err
+        )
+        try:
+            self._client.delete(key, time.monotonic() + self._settings.timeout_s)
+        except RemoteError as del_err:
+            self._failed("delete", del_err)
+
+    # -- writes (background thread) -----------------------------------------------------------
+
+    def submit(self, key: str, buffer: ChunkBuffer, done: WriteDone) -> None:
+        nbytes = buffer.nbytes
+        with self._cond:
+            accept = (
+                not self._closed
+                and not self._breaker.is_open
+                and self._queued_bytes + nbytes <= self._settings.queue_bytes
+            )
+            if accept:
+                self._queue.append(_Pending(key, buffer, nbytes, done))
+                self._queued_bytes += nbytes
+                self._cond.notify_all()
+        if not accept:
+            self._metrics.labels(self._metrics.dropped_writes, TIER).inc()
+            done()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._queued_bytes == 0, timeout)
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._writer.join(self._settings.write_timeout_s * 2)
+        with self._cond:
+            left = list(self._queue)
+            self._queue.clear()
+        for pending in left:
+            self._metrics.labels(self._metrics.dropped_writes, TIER).inc()
+            self._finish(pending)
+        self._client.close()
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                self._write(batch)
+            else:
+                self._probe()
+
+    def _next_batch(self) -> list[_Pending] | None:
+        """Queued writes up to a batch; [] when the open breaker is due a probe; None to stop."""
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                if self._breaker.is_open:
+                    if not self._cond.wait(self._settings.breaker_backoff_s) and not self._queue:
+                        return []
+                else:
+                    self._cond.wait()
+            batch = [self._queue.popleft()]
+            size = batch[0].nbytes
+            while self._queue and size + self._queue[0].nbytes <= _BATCH_BYTES:
+                size += self._queue[0].nbytes
+                batch.append(self._queue.popleft())
+            return batch
+
+    def _probe(self) -> None:
+        if not self._breaker.allow():
+            return
+        try:
+            self._client.ping(time.monotonic() + self._settings.timeout_s)
+        except RemoteError as err:
+            self._failed("probe", err)
+            return
+        self._breaker.success()
+
+    def _write(self, batch: list[_Pending]) -> None:
+        try:
+            if not self._breaker.allow():
+                self._metrics.labels(self._metrics.dropped_writes, TIER).inc(len(batch))
+                return
+            start = time.monotonic()
+            items = [self._item(p) for p in batch]
+            try:
+                errors = self._client.set_many(
+                    items, self._settings.ttl_s, start + self._settings.write_timeout_s
+                )
+            except RemoteError as err:
+                self._failed("put", err)
+                self._metrics.labels(self._metrics.dropped_writes, TIER).inc(len(batch))
+                return
+            written = [p.nbytes for p, e in zip(batch, errors, strict=True) if e is None]
+            self._succeeded("put", sum(written), start, count=len(written))
+            for error in {e for e in errors if e is not None}:
+                logger.warning("remote tier %s refused a write: %s", self._client.target, error)
+            self._metrics.labels(self._metrics.tier_errors, TIER, "put").inc(
+                len(batch) - len(written)
+            )
+        finally:
+            for pending in batch:
+                self._finish(pending)
+
+    def _item(self, pending: _Pending) -> WriteItem:
+        payload = pending.buffer.raw().numpy().data
+        header = serde.header_for(pending.key, self._spec, pending.buffer.num_tokens, payload)
+        return WriteItem(pending.key, header.encode(), payload)
+
+    def _finish(self, pending: _Pending) -> None:
+        """Release the slot to its owner, then the queue space."""
+        try:
+            pending.done()
+        except Exception:
+            logger.exception("remote write completion callback failed for %s", pending.key)
+        with self._cond:
+            self._queued_bytes -= pending.nbytes
+            self._cond.notify_all()
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def _succeeded(self, op: str, nbytes: int, start: float, count: int = 1) -> None:
+        self._breaker.success()
+        m = self._metrics
+        m.labels(m.tier_ops, TIER, op).inc(count)
+        m.labels(m.tier_bytes, TIER, op).inc(nbytes)
+        m.labels(m.tier_latency, TIER, op).observe(time.monotonic() - start)
+
+    def _failed(self, op: str, err: RemoteError) -> None:
+        self._metrics.labels(self._metrics.tier_errors, TIER, op).inc()
+        logger.debug("remote %s failed: %s", op, err)
+        self._breaker.failure(f"{op}: {err}")
+
+    def _breaker_changed(self, is_open: bool, reason: str) -> None:
+        self._metrics.labels(self._metrics.breaker_open).set(1 if is_open else 0)
+        if is_open:
+            logger.warning(
+                "remote tier %s unavailable (%s); skipping it, probing every %gs",
+                self._client.target,
+                reason,
+                self._settings.breaker_backoff_s,
+            )
+        else:
+            logger.info("remote tier %s is back (%s)", self._client.target, reason)
+        with self._cond:
+            self._cond.notify_all()
