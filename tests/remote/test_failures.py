@@ -1,0 +1,123 @@
+"""A dead, slow or restarted server: misses and metrics within the deadline, never a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from lmcache.storage.remote.devserver import RedisServer, free_port
+
+from .conftest import CHUNK, CHUNK_BYTES, Tier
+
+BOUND_S = 1.0
+"""20x the 50 ms deadline: far below "hung", far above scheduler noise."""
+
+
+def keys_for(n: int) -> list[str]:
+    return [f"m@1@0@bfloat16@f{i:04d}" for i in range(n)]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        time.sleep(0.01)  # polling a state with no notification to wait on
+
+
+@contextmanager
+def frozen(server: RedisServer) -> Iterator[None]:
+    """SIGSTOP the server: it accepts connections (kernel backlog) but never answers."""
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+def timed(call: Callable[[], int]) -> tuple[int, float]:
+    start = time.monotonic()
+    result = call()
+    return result, time.monotonic() - start
+
+
+def test_unreachable_at_start_opens_the_breaker(make_tier: Callable[..., Tier]) -> None:
+    tier = make_tier(f"redis://127.0.0.1:{free_port()}", remote_breaker_backoff_s=60)
+    assert tier.backend.breaker.is_open
+    assert tier.metrics.value("lmcache_remote_breaker_open") == 1
+    [key] = keys_for(1)
+    assert tier.backend.contains_prefix([key]) == 0
+    assert tier.backend.load_prefix([key], [tier.empty()]) == 0
+    tier.backend.submit(key, tier.buffer(CHUNK, 1), tier.done)
+    assert tier.done_count == 1, "a write to an open breaker is released at once"
+    assert tier.value("lmcache_dropped_writes_total") == 1
+
+
+def test_frozen_server_costs_at_most_the_deadline(
+    server: RedisServer, make_tier: Callable[..., Tier]
+) -> None:
+    tier = make_tier(
+        server.url, remote_timeout_ms=50, remote_breaker_failures=3, remote_breaker_backoff_s=60
+    )
+    keys = keys_for(2)
+    tier.write(keys, [tier.buffer(CHUNK, 1), tier.buffer(CHUNK, 2)])
+    dest = [tier.empty(), tier.empty()]
+    with frozen(server):
+        for call in (
+            lambda: tier.backend.contains_prefix(keys),
+            lambda: tier.backend.load_prefix(keys, dest),
+            lambda: tier.backend.contains_prefix(keys),
+        ):
+            found, took = timed(call)
+            assert found == 0
+            assert took < BOUND_S
+        assert tier.backend.breaker.is_open
+        assert tier.value("lmcache_tier_errors_total", op="lookup") == 2
+        assert tier.value("lmcache_tier_errors_total", op="get") == 1
+        found, took = timed(lambda: tier.backend.contains_prefix(keys))
+        assert found == 0 and took < 0.01, "an open breaker skips the server"
+    assert dest[0].num_tokens == 0
+
+
+def test_killed_then_restarted_server(server: RedisServer, make_tier: Callable[..., Tier]) -> None:
+    tier = make_tier(server.url, remote_breaker_failures=2, remote_breaker_backoff_s=0.1)
+    keys = keys_for(3)
+    tier.write(keys[:1], [tier.buffer(CHUNK, 1)])
+    server.kill()
+
+    for _ in range(2):
+        found, took = timed(lambda: tier.backend.contains_prefix(keys))
+        assert found == 0 and took < BOUND_S
+    assert tier.backend.breaker.is_open
+    assert tier.metrics.value("lmcache_remote_breaker_open") == 1
+    dropped = tier.value("lmcache_dropped_writes_total")
+    tier.backend.submit(keys[1], tier.buffer(CHUNK, 2), tier.done)
+    assert tier.value("lmcache_dropped_writes_total") == dropped + 1
+
+    server.start()  # same port, empty (no persistence): a restarted pod of Valkey
+    wait_until(lambda: not tier.backend.breaker.is_open)  # the writer's probe closed it
+    assert tier.metrics.value("lmcache_remote_breaker_open") == 0
+    tier.write(keys[1:], [tier.buffer(CHUNK, 3), tier.buffer(CHUNK, 4)])
+    assert tier.backend.contains_prefix(keys[1:]) == 2
+    assert tier.backend.load_prefix(keys[1:], [tier.empty(), tier.empty()]) == 2
+
+
+def test_write_queue_is_bounded_and_releases_every_buffer(
+    server: RedisServer, make_tier: Callable[..., Tier]
+) -> None:
+    """Writes never pin more than remote_write_queue_size of the pool; the rest are dropped
+    (counted) and their buffers released at once."""
+    tier = make_tier(server.url, slots=64, remote_write_queue_size=4 * CHUNK_BYTES / (1 << 30))
+    keys = keys_for(50)
+    buffers = [tier.buffer(CHUNK, i) for i in range(50)]
+    with frozen(server):
+        for key, buffer in zip(keys, buffers, strict=True):
+            tier.backend.submit(key, buffer, tier.done)
+        assert tier.value("lmcache_dropped_writes_total") == 46
+        assert tier.done_count == 46
+    assert tier.backend.flush(30)
+    assert tier.done_count == 50
+    assert tier.backend.contains_prefix(keys[:4]) == 4
