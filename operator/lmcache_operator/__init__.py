@@ -1,0 +1,1 @@
+"""kopf operator that turns an `LMCacheDeployment` into vLLM + LMCache serving resources."""

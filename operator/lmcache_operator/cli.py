@@ -1,0 +1,139 @@
+"""`lmcache-operator`: run the operator in a cluster or, unchanged, from a laptop or CI job
+against whatever KUBECONFIG points at."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+from collections.abc import Sequence
+
+import kopf
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from prometheus_client import start_http_server
+
+from lmcache_operator import handlers
+from lmcache_operator.controller import Controller
+from lmcache_operator.kube import Cache, KubeCluster
+from lmcache_operator.leader import LeaseElector
+from lmcache_operator.reconcile import Reconciler
+
+log = logging.getLogger("lmcache_operator")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lmcache-operator", description=__doc__)
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch this namespace (repeatable; globs allowed)",
+    )
+    scope.add_argument(
+        "-A",
+        "--all-namespaces",
+        action="store_true",
+        help="watch all namespaces (the default when no --namespace is given)",
+    )
+    p.add_argument(
+        "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, in-cluster, ~/.kube/config)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="concurrent reconciles: bounds the load on the API server (default 4)",
+    )
+    p.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=60.0,
+        help="re-check every deployment this often, to catch node capacity changes "
+        "(default 60; unchanged deployments cost no API calls)",
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=8080,
+        help="serve GET /healthz on this port (0 = off; default 8080)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9090,
+        help="serve Prometheus /metrics on this port (0 = off; default 9090)",
+    )
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
+    p.add_argument(
+        "--leader-election",
+        action="store_true",
+        help="hold a coordination.k8s.io Lease and reconcile only while holding it "
+        "(run two replicas for HA)",
+    )
+    p.add_argument(
+        "--leader-election-namespace",
+        default=os.environ.get("POD_NAMESPACE"),
+        help="namespace of the Lease (default $POD_NAMESPACE, else the first "
+        "--namespace, else 'default')",
+    )
+    p.add_argument("--leader-election-name", default="lmcache-operator")
+    p.add_argument(
+        "--identity",
+        default=f"{socket.gethostname()}-{os.getpid()}",
+        help="this replica's name in the Lease (default host-pid)",
+    )
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    return args
+
+
+def api_client(kubeconfig: str | None) -> k8s.ApiClient:
+    """kubeconfig when one is named (or in $KUBECONFIG), else in-cluster, else ~/.kube/config."""
+    cfg = k8s.Configuration()
+    if kubeconfig or os.environ.get("KUBECONFIG"):
+        k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    else:
+        try:
+            k8s_config.load_incluster_config(client_configuration=cfg)
+        except k8s_config.ConfigException:
+            k8s_config.load_kube_config(client_configuration=cfg)
+    return k8s.ApiClient(cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # so kopf's own login reads the same file
+    kopf.configure(
+        debug=args.log_level == "debug",
+        quiet=args.log_level == "warning",
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
+    )
+    cache = Cache()
+    cluster = KubeCluster(api_client(args.kubeconfig), cache)
+    elector = None
+    if args.leader_election:
+        lease_ns = args.leader_election_namespace or (args.namespace or ["default"])[0]
+        elector = LeaseElector(cluster, lease_ns, args.leader_election_name, args.identity)
+    controller = Controller(Reconciler(cluster), cache, args.workers, args.resync_seconds, elector)
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, controller)
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    log.info("watching %s", ", ".join(args.namespace) if args.namespace else "all namespaces")
+    kopf.run(
+        registry=registry,
+        standalone=True,  # HA is the Lease above, not kopf peering (no extra CRDs)
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz"
+        if args.health_port
+        else None,
+    )

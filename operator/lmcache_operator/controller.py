@@ -1,0 +1,150 @@
+"""Watch events in, reconciles out: the cache, the work queue, the workers and the leader loop.
+
+kopf delivers watch events; the controller turns them into queued keys and runs a bounded
+number of reconciles in threads (the official client is synchronous). Reconciles happen
+only while this replica leads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from lmcache_operator import api, metrics
+from lmcache_operator.kube import Cache
+from lmcache_operator.leader import LeaseElector
+from lmcache_operator.reconcile import Reconciler
+from lmcache_operator.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+
+
+def owner_key(body: Mapping[str, Any]) -> Key | None:
+    """The `LMCacheDeployment` controlling a child, from its owner references."""
+    meta = body.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == api.KIND and ref.get("controller"):
+            return (meta.get("namespace", ""), ref["name"])
+    return None
+
+
+def _essence(body: Mapping[str, Any] | None) -> Any:
+    """What the user controls; a change elsewhere (our own status patch) needs no reconcile."""
+    if body is None:
+        return None
+    meta = body.get("metadata") or {}
+    return (
+        meta.get("generation"),
+        meta.get("uid"),
+        meta.get("deletionTimestamp"),
+        body.get("spec"),
+    )
+
+
+class Controller:
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        cache: Cache,
+        workers: int = 4,
+        resync: float = 60.0,
+        elector: LeaseElector | None = None,
+    ) -> None:
+        self.reconciler = reconciler
+        self.cache = cache
+        self.workers = workers
+        self.resync = resync
+        self.elector = elector
+        self.queue: WorkQueue[Key] = WorkQueue()
+        self.leading = asyncio.Event()
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="reconcile")
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if self.elector is None:
+            self._lead(True)
+        else:
+            self._tasks.append(asyncio.create_task(self._elect(), name="leader-election"))
+        for i in range(self.workers):
+            self._tasks.append(asyncio.create_task(self._work(), name=f"reconcile-worker-{i}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def observe_owner(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if event_type == "DELETED":
+            self.cache.drop(body)
+            self.queue.forget(key)
+            return
+        before = self.cache.get((api.API_VERSION, api.KIND, key[0], key[1]))
+        self.cache.put(body)
+        if _essence(before) != _essence(body):
+            self.queue.add(key)
+
+    def observe_child(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """Drift (a hand edit, a deletion) and workload status changes requeue the owner;
+        the initial listing does not, since the owner's own listing already queues it."""
+        if event_type == "DELETED":
+            self.cache.drop(body)
+        else:
+            self.cache.put(body)
+        key = owner_key(body)
+        if key and event_type is not None:
+            self.queue.add(key)
+
+    def _lead(self, leading: bool) -> None:
+        if leading == self.leading.is_set():
+            return
+        metrics.LEADER.set(1 if leading else 0)
+        if leading:
+            log.info("leading: reconciling")
+            self.leading.set()
+            for key in self.cache.keys(api.API_VERSION, api.KIND):
+                self.queue.add(key)
+        else:
+            log.warning("lost the leader lease: reconciles paused")
+            self.leading.clear()
+
+    async def _elect(self) -> None:
+        assert self.elector is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            held = await loop.run_in_executor(None, self.elector.try_acquire)
+            self._lead(held)
+            await asyncio.sleep(self.elector.duration / 3)  # the renew period
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            key = await self.queue.get()
+            try:
+                await self.leading.wait()
+                started = time.monotonic()
+                try:
+                    exists = await loop.run_in_executor(
+                        self._executor, self.reconciler.reconcile, *key
+                    )
+                except Exception as e:
+                    metrics.RECONCILES.labels(result="error").inc()
+                    delay = self.queue.retry(key)
+                    log.warning("reconcile %s/%s failed (retry in %.0fs): %s", *key, delay, e)
+                else:
+                    metrics.RECONCILES.labels(result="ok").inc()
+                    self.queue.succeeded(key)
+                    if exists:
+                        self.queue.add_after(key, self.resync)
+                finally:
+                    metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+            finally:
+                self.queue.done(key)

@@ -1,0 +1,53 @@
+"""kopf wiring: watch streams feed the controller; kopf also serves the health endpoint.
+
+Only `on.event` handlers are used, on purpose: they need no finalizer and kopf writes
+nothing to the objects (no progress annotations), so deleting a deployment never waits for
+the operator and an unchanged cluster sees no writes at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from lmcache_operator import api
+from lmcache_operator.controller import Controller
+from lmcache_operator.kube import CHILD_KINDS, PLURALS
+
+
+def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
+    @kopf.on.startup(registry=registry)
+    async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.enabled = False  # the reconciler posts its own, meaningful Events
+        await controller.start()
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop(**_: Any) -> None:
+        await controller.stop()
+
+    @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
+    async def owner_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        controller.observe_owner(event.get("type"), body)
+
+    async def child_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        controller.observe_child(event.get("type"), body)
+
+    for api_version, kind in CHILD_KINDS:
+        group, _, version = api_version.rpartition("/")
+        kopf.on.event(
+            group=group,
+            version=version,
+            plural=PLURALS[(api_version, kind)],
+            labels={api.LABEL_MANAGED_BY: api.MANAGED_BY},
+            id=f"watch-{kind.lower()}",
+            registry=registry,
+        )(child_event)
+
+    @kopf.on.probe(id="leading", registry=registry)
+    def leading(**_: Any) -> bool:
+        return controller.leading.is_set()
+
+    @kopf.on.probe(id="queued", registry=registry)
+    def queued(**_: Any) -> int:
+        return len(controller.queue)

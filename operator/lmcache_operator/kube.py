@@ -1,0 +1,269 @@
+"""The operator's only door to the API server: reads from the watch cache, server-side apply
+with one field manager, status merge patches, Events, and retries of transient failures.
+
+The reconciler depends on the `Cluster` protocol, not on this module, so its tests can run
+against an in-memory cluster and the e2e tests against a real one, with the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any, Protocol, TypeVar
+
+from kubernetes import client as k8s
+
+from lmcache_operator import api
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+Body = dict[str, Any]
+
+# apiVersion/kind → plural, for the kinds the operator touches.
+PLURALS = {
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Secret"): "secrets",
+    ("v1", "Service"): "services",
+    ("v1", "Event"): "events",
+    ("v1", "Node"): "nodes",
+    ("apps/v1", "Deployment"): "deployments",
+    ("apps/v1", "StatefulSet"): "statefulsets",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
+    ("coordination.k8s.io/v1", "Lease"): "leases",
+    (api.API_VERSION, api.KIND): api.PLURAL,
+}
+CHILD_KINDS = [
+    ("v1", "ConfigMap"),
+    ("v1", "Secret"),
+    ("v1", "Service"),
+    ("apps/v1", "Deployment"),
+    ("apps/v1", "StatefulSet"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+]
+RETRIED = {409, 429, 500, 502, 503, 504}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, method: str, path: str, detail: str) -> None:
+        super().__init__(f"{method} {path}: HTTP {status}: {detail}")
+        self.status = status
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def path(api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    ns = f"/namespaces/{namespace}" if namespace else ""
+    tail = f"/{name}" if name else ""
+    return f"{prefix}{ns}/{PLURALS[(api_version, kind)]}{tail}"
+
+
+def key_of(body: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    meta = body["metadata"]
+    return (body["apiVersion"], body["kind"], meta.get("namespace", ""), meta["name"])
+
+
+class Cluster(Protocol):
+    """What the reconciler needs from Kubernetes."""
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> Body | None: ...
+
+    def owned(self, uid: str) -> list[Body]: ...
+
+    def apply(self, manifest: Body) -> Body: ...
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None: ...
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
+
+    def event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None: ...
+
+    def nodes(self) -> list[Body] | None: ...
+
+
+class Cache:
+    """The latest body of every watched object, fed by kopf's watch streams.
+
+    Reconciles read from it instead of GETting, so a resync of 100 unchanged deployments
+    sends nothing to the API server.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[tuple[str, str, str, str], Body] = {}
+
+    def put(self, body: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._items[key_of(body)] = dict(body)
+
+    def drop(self, body: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._items.pop(key_of(body), None)
+
+    def get(self, key: tuple[str, str, str, str]) -> Body | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def owned(self, uid: str) -> list[Body]:
+        with self._lock:
+            items = list(self._items.values())
+        return [
+            b
+            for b in items
+            if any(r.get("uid") == uid for r in b["metadata"].get("ownerReferences") or [])
+        ]
+
+    def keys(self, api_version: str, kind: str) -> list[tuple[str, str]]:
+        with self._lock:
+            return [(k[2], k[3]) for k in self._items if k[:2] == (api_version, kind)]
+
+
+def retrying(fn: Callable[[], T], attempts: int = 5, first_delay: float = 0.2) -> T:
+    """Retry conflicts, throttling and server errors with exponential backoff."""
+    delay = first_delay
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except ApiError as e:
+            if e.status not in RETRIED or attempt == attempts - 1:
+                raise
+            log.info("retrying after %s (attempt %d/%d)", e, attempt + 1, attempts)
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
+class KubeCluster:
+    """`Cluster` over the official client's transport (auth, TLS, proxies from kubeconfig)."""
+
+    def __init__(self, api_client: k8s.ApiClient, cache: Cache, node_ttl: float = 30.0) -> None:
+        self.api = api_client
+        self.cache = cache
+        self.identity = socket.gethostname()
+        self._node_ttl = node_ttl
+        self._nodes: tuple[float, list[Body] | None] = (-node_ttl, None)
+
+    def request(
+        self,
+        method: str,
+        url_path: str,
+        body: Any = None,
+        query: Iterable[tuple[str, str]] = (),
+        content_type: str = "application/json",
+    ) -> Body:
+        headers = {"Accept": "application/json"}
+        payload = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            payload = json.dumps(body)
+        m, url, hdrs, data, _ = self.api.param_serialize(
+            method,
+            url_path,
+            query_params=list(query),
+            header_params=headers,
+            body=payload,
+            auth_settings=["BearerToken"],
+        )
+        resp = self.api.call_api(m, url, header_params=hdrs, body=data)
+        resp.read()
+        text = (resp.data or b"").decode(errors="replace")
+        if not 200 <= resp.status < 300:
+            try:
+                detail = json.loads(text).get("message", text)
+            except ValueError:
+                detail = text
+            raise ApiError(resp.status, method, url_path, detail[:500])
+        return json.loads(text) if text else {}
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> Body | None:
+        cached = self.cache.get((api_version, kind, namespace, name))
+        if cached is not None:
+            return cached
+        try:
+            return retrying(lambda: self.request("GET", path(api_version, kind, namespace, name)))
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def owned(self, uid: str) -> list[Body]:
+        return self.cache.owned(uid)
+
+    def apply(self, manifest: Body) -> Body:
+        """Server-side apply, forcing ownership of our fields back from hand edits."""
+        meta = manifest["metadata"]
+        url = path(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+        query = [("fieldManager", api.FIELD_MANAGER), ("force", "true")]
+        live = retrying(
+            lambda: self.request("PATCH", url, manifest, query, "application/apply-patch+yaml")
+        )
+        self.cache.put(live)
+        return live
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        url = path(api_version, kind, namespace, name)
+        query = [("propagationPolicy", "Background")]
+        try:
+            retrying(lambda: self.request("DELETE", url, query=query))
+        except ApiError as e:
+            if e.status != 404:
+                raise
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        url = path(api.API_VERSION, api.KIND, namespace, name) + "/status"
+        live = retrying(
+            lambda: self.request(
+                "PATCH", url, {"status": status}, (), "application/merge-patch+json"
+            )
+        )
+        self.cache.put(live)
+
+    def event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = owner["metadata"]
+        stamp = now_rfc3339()
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": owner["apiVersion"],
+                "kind": owner["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": api.FIELD_MANAGER},
+            "reportingComponent": api.FIELD_MANAGER,
+            "reportingInstance": self.identity,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.request("POST", path("v1", "Event", meta["namespace"]), body)
+        except ApiError as e:  # an Event is a courtesy; never fail a reconcile over one
+            log.warning("could not post event %s: %s", reason, e)
+
+    def nodes(self) -> list[Body] | None:
+        """Nodes, listed at most once per TTL; None when they cannot be read (e.g. RBAC)."""
+        fetched_at, items = self._nodes
+        if time.monotonic() - fetched_at < self._node_ttl:
+            return items
+        try:
+            items = self.request("GET", path("v1", "Node", None)).get("items", [])
+        except ApiError as e:
+            log.warning("cannot list nodes: %s", e)
+            items = None
+        self._nodes = (time.monotonic(), items)
+        return items

@@ -1,0 +1,145 @@
+"""One reconcile of one `LMCacheDeployment`: validate, render, apply what differs, prune,
+publish status. Level-triggered and idempotent: it reads the world, not the event.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from lmcache_operator import api, capacity, diff, metrics, status
+from lmcache_operator import spec as spec_mod
+from lmcache_operator.kube import CHILD_KINDS, ApiError, Body, Cluster, key_of, now_rfc3339
+from lmcache_operator.render import bundle, valkey
+from lmcache_operator.render.common import VLLM, Owner, selector
+
+log = logging.getLogger(__name__)
+
+
+class ReconcileError(Exception):
+    """The reconcile could not finish (the API server refused a write); retry later."""
+
+
+def label_selector(owner: Owner) -> str:
+    """The string form the scale subresource (and an HPA) reads from status.selector."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector(owner, VLLM).items()))
+
+
+class Reconciler:
+    def __init__(self, cluster: Cluster, now: Callable[[], str] = now_rfc3339) -> None:
+        self.cluster = cluster
+        self.now = now
+
+    def reconcile(self, namespace: str, name: str) -> bool:
+        """Returns False when the object is gone (nothing to resync)."""
+        body = self.cluster.get(api.API_VERSION, api.KIND, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return False  # gone or going: garbage collection removes the children
+        owner = Owner.of(body)
+        raw = body.get("spec") or {}
+        try:
+            spec = spec_mod.parse(raw)
+            errors = spec_mod.problems(spec)
+        except spec_mod.SpecError as e:
+            errors = [str(e)]
+        if errors:
+            # Nothing is applied from an invalid spec: no half-applied children.
+            self._publish(
+                body,
+                status.Observed(
+                    generation=body["metadata"].get("generation", 0),
+                    replicas=int(raw.get("replicas", 1) or 0),
+                    config_error="; ".join(errors),
+                    deployment=self._get("apps/v1", "Deployment", owner, owner.name),
+                    selector=label_selector(owner),
+                ),
+            )
+            metrics.INVALID.inc()
+            return True
+        rendered = bundle.render(spec, owner, self._valkey_password(spec, owner))
+        apply_error = None
+        try:
+            self._apply(body, owner, rendered)
+        except ApiError as e:
+            apply_error = str(e)
+        self._publish(
+            body,
+            status.Observed(
+                generation=body["metadata"].get("generation", 0),
+                replicas=spec.replicas,
+                apply_error=apply_error,
+                deployment=self._get("apps/v1", "Deployment", owner, owner.name),
+                valkey_enabled=spec.valkey.enabled,
+                valkey=self._get("apps/v1", "StatefulSet", owner, owner.child("valkey"))
+                if spec.valkey.enabled
+                else None,
+                remote_url=spec.remote.url,
+                capacity=self._capacity(spec),
+                config_hash=rendered.config_hash,
+                valkey_endpoint=rendered.valkey_endpoint,
+                selector=label_selector(owner),
+            ),
+        )
+        if apply_error:
+            raise ReconcileError(apply_error)
+        return True
+
+    def _get(self, api_version: str, kind: str, owner: Owner, name: str) -> Body | None:
+        return self.cluster.get(api_version, kind, owner.namespace, name)
+
+    def _valkey_password(self, spec: spec_mod.Spec, owner: Owner) -> str | None:
+        """The stored generated password, or a new one the first time: never rotated."""
+        if not valkey.generated_secret_needed(spec):
+            return None
+        live = self._get("v1", "Secret", owner, valkey.secret_name(owner)) or {}
+        stored = (live.get("data") or {}).get(spec.valkey.auth.password_key)
+        return base64.b64decode(stored).decode() if stored else valkey.new_password()
+
+    def _apply(self, body: Body, owner: Owner, rendered: bundle.Bundle) -> None:
+        changed = []
+        wanted = set()
+        for manifest in rendered.manifests:
+            desired = diff.with_applied_hash(manifest)
+            wanted.add(key_of(desired))
+            live = self._get(
+                desired["apiVersion"], desired["kind"], owner, desired["metadata"]["name"]
+            )
+            if diff.up_to_date(live, desired):
+                continue
+            self.cluster.apply(desired)
+            metrics.APPLIES.labels(kind=desired["kind"]).inc()
+            changed.append(f"{desired['kind']}/{desired['metadata']['name']}")
+        # Children we made for an earlier spec (say, Valkey since disabled) go away now.
+        for child in self.cluster.owned(owner.uid):
+            key = key_of(child)
+            if key[:2] in CHILD_KINDS and key not in wanted and _controlled_by_us(child):
+                self.cluster.delete(*key)
+                changed.append(f"deleted {key[1]}/{key[3]}")
+        if changed:
+            log.info("%s/%s: %s", owner.namespace, owner.name, ", ".join(changed))
+            self.cluster.event(body, "Normal", "Applied", "; ".join(changed))
+
+    def _capacity(self, spec: spec_mod.Spec) -> capacity.Verdict | None:
+        nodes = self.cluster.nodes()
+        return None if nodes is None else capacity.check(spec, nodes)
+
+    def _publish(self, body: Body, observed: status.Observed) -> None:
+        previous: Mapping[str, Any] = body.get("status") or {}
+        new = status.build(previous, observed, self.now())
+        if not status.changed(previous, new):
+            return
+        meta = body["metadata"]
+        self.cluster.patch_status(meta["namespace"], meta["name"], new)
+        metrics.STATUS_PATCHES.inc()
+        for t in status.transitions(previous, new):
+            self.cluster.event(body, t.type, t.reason, t.message)
+
+
+def _controlled_by_us(child: Mapping[str, Any]) -> bool:
+    labels = child["metadata"].get("labels") or {}
+    refs = child["metadata"].get("ownerReferences") or []
+    return labels.get(api.LABEL_MANAGED_BY) == api.MANAGED_BY and any(
+        r.get("kind") == api.KIND and r.get("controller") for r in refs
+    )

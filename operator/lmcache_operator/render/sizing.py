@@ -1,0 +1,43 @@
+"""Memory arithmetic: LMCache's pinned pool in hugepages or in the container's memory.
+
+LMCache sizes are per engine process, and vLLM runs one engine per tensor-parallel rank,
+so a pod needs the pool once per rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+from lmcache_operator import quantity
+from lmcache_operator.spec import Spec
+
+HUGEPAGE_BYTES = 2 << 20
+
+
+def pages_per_rank(max_local_cpu_size_gb: float) -> int:
+    """ceil(size·2^30 / 2 MiB): 5 GB → 2560 pages, as the engine maps them."""
+    return math.ceil(max_local_cpu_size_gb * quantity.GIB / HUGEPAGE_BYTES)
+
+
+def pool_bytes_per_pod(spec: Spec) -> int:
+    """The pinned pool of every engine in the pod, rounded up to whole 2 MiB pages."""
+    pages = pages_per_rank(spec.lmcache.max_local_cpu_size) * spec.engine_processes
+    return pages * HUGEPAGE_BYTES
+
+
+def hugepages_per_pod(spec: Spec) -> int:
+    """`hugepages-2Mi` bytes to request (= limit); 0 when the pool is ordinary memory."""
+    return pool_bytes_per_pod(spec) if spec.lmcache.hugepages else 0
+
+
+def container_memory(spec: Spec) -> str:
+    """vLLM's own memory plus, without hugepages, the pinned pool it allocates from it."""
+    base = quantity.parse(spec.resources.memory)
+    total = base if spec.lmcache.hugepages else base + pool_bytes_per_pod(spec)
+    return quantity.format_binary(total)
+
+
+def disk_volume_bytes(size_gb: float) -> int:
+    """The disk tier's volume: its GB (2^30) plus 10% for file-system and index overhead,
+    because an emptyDir over its sizeLimit gets the whole pod evicted."""
+    return math.ceil(size_gb * quantity.GIB * 1.1 / (1 << 20)) << 20

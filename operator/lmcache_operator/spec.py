@@ -1,0 +1,388 @@
+"""The typed `LMCacheDeployment` spec: defaults, parsing, and the checks CEL cannot express.
+
+The CRD schema is the source of truth for shapes and defaults (the API server applies them);
+the same defaults are repeated here so that a spec read before defaulting, or in a unit test,
+means the same thing. `tests/operator/test_crd.py` fails when the two disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from lmcache_operator import api, quantity
+
+T = TypeVar("T")
+
+
+class SpecError(ValueError):
+    """A spec field with the wrong type: names the field and what is allowed."""
+
+
+def _get(raw: Mapping[str, Any], path: str, key: str, kind: type[T], default: T) -> T:
+    value = raw.get(key)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # type: ignore[return-value]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SpecError(f"spec.{path}{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _opt(raw: Mapping[str, Any], path: str, key: str, kind: type[T]) -> T | None:
+    return _get(raw, path, key, kind, None)
+
+
+def _obj(raw: Mapping[str, Any], path: str, key: str) -> Mapping[str, Any]:
+    return _get(raw, path, key, dict, {})
+
+
+def _quantity(raw: Mapping[str, Any], path: str, key: str, default: str | None) -> str | None:
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    try:
+        return quantity.canonical(value)
+    except quantity.QuantityError as e:
+        raise SpecError(f"spec.{path}{key}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Image:
+    repository: str = api.DEFAULT_IMAGE_REPOSITORY
+    tag: str = api.DEFAULT_IMAGE_TAG
+    digest: str | None = None
+    pull_policy: str = "IfNotPresent"
+    pull_secrets: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        """A digest pins the image exactly, so it wins over the tag."""
+        if self.digest:
+            return f"{self.repository}@{self.digest}"
+        return f"{self.repository}:{self.tag}"
+
+
+@dataclass(frozen=True)
+class SecretKeyRef:
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Vllm:
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    extra_args: tuple[str, ...] = ()
+    env: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: int | None = None
+    gpu_resource_name: str = "nvidia.com/gpu"
+    cpu: str = "4"
+    memory: str = "16Gi"
+
+
+@dataclass(frozen=True)
+class LocalDisk:
+    enabled: bool = False
+    size: float | None = None
+    path: str = "/var/cache/lmcache"
+    storage_class: str | None = None
+
+
+@dataclass(frozen=True)
+class Lmcache:
+    chunk_size: int = 256
+    local_cpu: bool = True
+    max_local_cpu_size: float = 5.0
+    hugepages: bool = False
+    local_disk: LocalDisk = field(default_factory=LocalDisk)
+    prefetch: bool = False
+    extra_config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ValkeyAuth:
+    enabled: bool = True
+    existing_secret: str | None = None
+    password_key: str = "password"
+
+
+@dataclass(frozen=True)
+class Persistence:
+    enabled: bool = False
+    size: str = "10Gi"
+    storage_class: str | None = None
+
+
+@dataclass(frozen=True)
+class Valkey:
+    enabled: bool = False
+    image: str = api.DEFAULT_VALKEY_IMAGE
+    max_memory: str = "4Gi"
+    cpu: str = "1"
+    memory: str | None = None
+    persistence: Persistence = field(default_factory=Persistence)
+    auth: ValkeyAuth = field(default_factory=ValkeyAuth)
+
+
+@dataclass(frozen=True)
+class Remote:
+    url: str | None = None
+    credentials_secret: str | None = None
+    username_key: str = "username"
+    password_key: str = "password"
+
+
+@dataclass(frozen=True)
+class Placement:
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    affinity: Mapping[str, Any] = field(default_factory=dict)
+    priority_class_name: str | None = None
+    runtime_class_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    model: str
+    served_model_name: str | None = None
+    replicas: int = 1
+    image: Image = field(default_factory=Image)
+    hf_token: SecretKeyRef | None = None
+    vllm: Vllm = field(default_factory=Vllm)
+    resources: Resources = field(default_factory=Resources)
+    lmcache: Lmcache = field(default_factory=Lmcache)
+    valkey: Valkey = field(default_factory=Valkey)
+    remote: Remote = field(default_factory=Remote)
+    placement: Placement = field(default_factory=Placement)
+    pod_annotations: Mapping[str, str] = field(default_factory=dict)
+    pod_labels: Mapping[str, str] = field(default_factory=dict)
+    service_account_name: str | None = None
+    service_type: str = "ClusterIP"
+    service_port: int = 8000
+    metrics_enabled: bool = True
+    metrics_port: int = 9090
+
+    @property
+    def gpus_per_pod(self) -> int:
+        """One GPU per tensor-parallel rank unless the spec asks for more."""
+        return self.resources.gpus or self.vllm.tensor_parallel_size
+
+    @property
+    def engine_processes(self) -> int:
+        """vLLM starts one LMCache engine per TP rank, and LMCache sizes are per engine."""
+        return self.vllm.tensor_parallel_size
+
+
+def _seq(raw: Mapping[str, Any], path: str, key: str) -> tuple[Any, ...]:
+    return tuple(_get(raw, path, key, list, []))
+
+
+def parse(raw: Mapping[str, Any]) -> Spec:
+    """Read `spec` as stored by the API server (or a test) into a `Spec`, with defaults."""
+    model = raw.get("model")
+    if not isinstance(model, str) or not model:
+        raise SpecError("spec.model: required, the model name or path to serve")
+    image = _obj(raw, "", "image")
+    hf = _obj(raw, "", "hfTokenSecretRef")
+    vllm = _obj(raw, "", "vllm")
+    res = _obj(raw, "", "resources")
+    lmc = _obj(raw, "", "lmcache")
+    disk = _obj(lmc, "lmcache.", "localDisk")
+    vk = _obj(raw, "", "valkey")
+    vk_res = _obj(vk, "valkey.", "resources")
+    vk_persist = _obj(vk, "valkey.", "persistence")
+    vk_auth = _obj(vk, "valkey.", "auth")
+    remote = _obj(raw, "", "remote")
+    creds = _obj(remote, "remote.", "credentialsSecretRef")
+    service = _obj(raw, "", "service")
+    metrics = _obj(raw, "", "metrics")
+    return Spec(
+        model=model,
+        served_model_name=_opt(raw, "", "servedModelName", str),
+        replicas=_get(raw, "", "replicas", int, 1),
+        image=Image(
+            repository=_get(image, "image.", "repository", str, api.DEFAULT_IMAGE_REPOSITORY),
+            tag=str(image.get("tag", api.DEFAULT_IMAGE_TAG)),
+            digest=_opt(image, "image.", "digest", str),
+            pull_policy=_get(image, "image.", "pullPolicy", str, "IfNotPresent"),
+            pull_secrets=tuple(str(s) for s in _seq(image, "image.", "pullSecrets")),
+        ),
+        hf_token=(
+            SecretKeyRef(
+                name=_get(hf, "hfTokenSecretRef.", "name", str, ""),
+                key=_get(hf, "hfTokenSecretRef.", "key", str, "token"),
+            )
+            if hf
+            else None
+        ),
+        vllm=Vllm(
+            max_model_len=_opt(vllm, "vllm.", "maxModelLen", int),
+            tensor_parallel_size=_get(vllm, "vllm.", "tensorParallelSize", int, 1),
+            gpu_memory_utilization=_get(vllm, "vllm.", "gpuMemoryUtilization", float, 0.9),
+            extra_args=tuple(str(a) for a in _seq(vllm, "vllm.", "extraArgs")),
+            env=_seq(vllm, "vllm.", "env"),
+        ),
+        resources=Resources(
+            gpus=_opt(res, "resources.", "gpus", int),
+            gpu_resource_name=_get(res, "resources.", "gpuResourceName", str, "nvidia.com/gpu"),
+            cpu=_quantity(res, "resources.", "cpu", "4") or "4",
+            memory=_quantity(res, "resources.", "memory", "16Gi") or "16Gi",
+        ),
+        lmcache=Lmcache(
+            chunk_size=_get(lmc, "lmcache.", "chunkSize", int, 256),
+            local_cpu=_get(lmc, "lmcache.", "localCpu", bool, True),
+            max_local_cpu_size=_get(lmc, "lmcache.", "maxLocalCpuSize", float, 5.0),
+            hugepages=_get(
+                _obj(lmc, "lmcache.", "hugepages"), "lmcache.hugepages.", "enabled", bool, False
+            ),
+            local_disk=LocalDisk(
+                enabled=_get(disk, "lmcache.localDisk.", "enabled", bool, False),
+                size=_opt(disk, "lmcache.localDisk.", "size", float),
+                path=_get(disk, "lmcache.localDisk.", "path", str, "/var/cache/lmcache"),
+                storage_class=_opt(disk, "lmcache.localDisk.", "storageClassName", str),
+            ),
+            prefetch=_get(lmc, "lmcache.", "prefetch", bool, False),
+            extra_config=_obj(lmc, "lmcache.", "extraConfig"),
+        ),
+        valkey=Valkey(
+            enabled=_get(vk, "valkey.", "enabled", bool, False),
+            image=_get(vk, "valkey.", "image", str, api.DEFAULT_VALKEY_IMAGE),
+            max_memory=_quantity(vk, "valkey.", "maxMemory", "4Gi") or "4Gi",
+            cpu=_quantity(vk_res, "valkey.resources.", "cpu", "1") or "1",
+            memory=_quantity(vk_res, "valkey.resources.", "memory", None),
+            persistence=Persistence(
+                enabled=_get(vk_persist, "valkey.persistence.", "enabled", bool, False),
+                size=_quantity(vk_persist, "valkey.persistence.", "size", "10Gi") or "10Gi",
+                storage_class=_opt(vk_persist, "valkey.persistence.", "storageClassName", str),
+            ),
+            auth=ValkeyAuth(
+                enabled=_get(vk_auth, "valkey.auth.", "enabled", bool, True),
+                existing_secret=_opt(vk_auth, "valkey.auth.", "existingSecret", str),
+                password_key=_get(vk_auth, "valkey.auth.", "passwordKey", str, "password"),
+            ),
+        ),
+        remote=Remote(
+            url=_opt(remote, "remote.", "url", str),
+            credentials_secret=_opt(creds, "remote.credentialsSecretRef.", "name", str),
+            username_key=_get(
+                creds, "remote.credentialsSecretRef.", "usernameKey", str, "username"
+            ),
+            password_key=_get(
+                creds, "remote.credentialsSecretRef.", "passwordKey", str, "password"
+            ),
+        ),
+        placement=Placement(
+            node_selector=_obj(raw, "", "nodeSelector"),
+            tolerations=_seq(raw, "", "tolerations"),
+            affinity=_obj(raw, "", "affinity"),
+            priority_class_name=_opt(raw, "", "priorityClassName", str),
+            runtime_class_name=_opt(raw, "", "runtimeClassName", str),
+        ),
+        pod_annotations=_obj(raw, "", "podAnnotations"),
+        pod_labels=_obj(raw, "", "podLabels"),
+        service_account_name=_opt(raw, "", "serviceAccountName", str),
+        service_type=_get(service, "service.", "type", str, "ClusterIP"),
+        service_port=_get(service, "service.", "port", int, 8000),
+        metrics_enabled=_get(metrics, "metrics.", "enabled", bool, True),
+        metrics_port=_get(metrics, "metrics.", "port", int, 9090),
+    )
+
+
+# LMCache keys the operator derives from typed fields: setting them in extraConfig would
+# bypass the memory accounting and the validation above, so they are refused there.
+MANAGED_ENGINE_KEYS = {
+    "chunk_size": "lmcache.chunkSize",
+    "local_cpu": "lmcache.localCpu",
+    "max_local_cpu_size": "lmcache.maxLocalCpuSize",
+    "local_cpu_use_hugepages": "lmcache.hugepages.enabled",
+    "local_disk": "lmcache.localDisk",
+    "max_local_disk_size": "lmcache.localDisk.size",
+    "remote_url": "valkey or remote.url",
+    "remote_username": "remote.credentialsSecretRef",
+    "remote_password": "remote.credentialsSecretRef",
+    "prefetch": "lmcache.prefetch",
+    "metrics_port": "metrics.port",
+}
+
+# vLLM flags the operator renders itself, with the spec field that sets each one.
+MANAGED_VLLM_FLAGS = {
+    "--kv-transfer-config": "(set by the operator)",
+    "--tensor-parallel-size": "vllm.tensorParallelSize",
+    "-tp": "vllm.tensorParallelSize",
+    "--max-model-len": "vllm.maxModelLen",
+    "--gpu-memory-utilization": "vllm.gpuMemoryUtilization",
+    "--served-model-name": "servedModelName",
+    "--port": "service.port",
+    "--host": "(set by the operator)",
+}
+
+REMOTE_SCHEMES = ("valkey", "valkeys", "redis", "rediss")
+
+
+def _flag_name(arg: str) -> str:
+    return arg.split("=", 1)[0]
+
+
+def problems(spec: Spec) -> list[str]:
+    """Semantic errors the CRD's schema and CEL rules cannot catch, each naming its field."""
+    found: list[str] = []
+    for key in sorted(set(spec.lmcache.extra_config) & set(MANAGED_ENGINE_KEYS)):
+        found.append(
+            f"spec.lmcache.extraConfig.{key}: managed by the operator; "
+            f"set {MANAGED_ENGINE_KEYS[key]} instead"
+        )
+    for arg in spec.vllm.extra_args:
+        flag = _flag_name(arg)
+        if flag in MANAGED_VLLM_FLAGS:
+            found.append(
+                f"spec.vllm.extraArgs: {flag} is rendered by the operator; "
+                f"use {MANAGED_VLLM_FLAGS[flag]}"
+            )
+    for i, var in enumerate(spec.vllm.env):
+        name = str(var.get("name", ""))
+        if name.startswith("LMCACHE_") or (name == "HF_TOKEN" and spec.hf_token):
+            found.append(
+                f"spec.vllm.env[{i}].name: {name} is set by the operator; "
+                "configure the engine through spec.lmcache and secrets through their refs"
+            )
+    if spec.gpus_per_pod < spec.vllm.tensor_parallel_size:
+        found.append(
+            f"spec.resources.gpus: {spec.gpus_per_pod} GPUs cannot host "
+            f"vllm.tensorParallelSize={spec.vllm.tensor_parallel_size} ranks"
+        )
+    if spec.lmcache.local_disk.enabled and not spec.lmcache.local_disk.path.startswith("/"):
+        found.append(
+            f"spec.lmcache.localDisk.path: {spec.lmcache.local_disk.path!r} must be absolute"
+        )
+    if spec.remote.url:
+        url = urlsplit(spec.remote.url)
+        if url.scheme not in REMOTE_SCHEMES:
+            found.append(
+                f"spec.remote.url: scheme {url.scheme!r} not supported; "
+                f"use one of {', '.join(s + '://' for s in REMOTE_SCHEMES)}"
+            )
+        if url.username or url.password:
+            found.append(
+                "spec.remote.url: must not carry credentials; "
+                "put them in the Secret named by remote.credentialsSecretRef"
+            )
+        if not url.hostname:
+            found.append(f"spec.remote.url: {spec.remote.url!r} has no host")
+    if spec.valkey.enabled and spec.valkey.memory is not None:
+        limit, cap = quantity.parse(spec.valkey.memory), quantity.parse(spec.valkey.max_memory)
+        if limit <= cap:
+            found.append(
+                f"spec.valkey.resources.memory: {spec.valkey.memory} must exceed "
+                f"valkey.maxMemory {spec.valkey.max_memory} (the server needs headroom "
+                "above its data, or the kernel kills it instead of Valkey evicting)"
+            )
+    return found
