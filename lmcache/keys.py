@@ -7,8 +7,11 @@ previous chunk's digest, so a key names the entire prefix up to that chunk's end
 
 from __future__ import annotations
 
+import array
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,9 +20,11 @@ import xxhash
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 
 
-@dataclass(frozen=True)
-class ChunkRange:
-    """Tokens ``[start, end)`` of a prompt and the key of the prefix ending at ``end``."""
+class ChunkRange(NamedTuple):
+    """Tokens ``[start, end)`` of a prompt and the key of the prefix ending at ``end``.
+
+    A NamedTuple, not a dataclass: a 128k-token lookup builds 512 of these and frozen
+    dataclasses cost several times more to construct."""
 
     start: int
     end: int
@@ -50,23 +55,25 @@ class KeyScheme:
         num_tokens = len(data) // 4
         step = self.chunk_size
         limit = num_tokens if include_partial else num_tokens - num_tokens % step
-        view = memoryview(data)
         digest = b""
         prefix = self.prefix
+        hash128 = xxhash.xxh3_128_digest
         out: list[ChunkRange] = []
         for start in range(0, limit, step):
             end = min(start + step, limit)
-            digest = xxhash.xxh3_128_digest(digest + view[start * 4 : end * 4])
+            digest = hash128(digest + data[start * 4 : end * 4])
             out.append(ChunkRange(start, end, prefix + digest.hex()))
         return out
 
 
 def as_token_bytes(tokens: Tokens) -> bytes:
     """Token ids as little-endian uint32 bytes: one fixed encoding for every input type."""
-    if isinstance(tokens, torch.Tensor):
-        array = tokens.detach().cpu().numpy()
-    else:
-        array = np.asarray(tokens)
-    if array.ndim != 1:
-        raise ValueError(f"tokens must be 1-D, got shape {array.shape}")
-    return array.astype("<u4", copy=False).tobytes()
+    if isinstance(tokens, list):  # vLLM's prompt_token_ids; array() is 3x faster than numpy here
+        packed = array.array("I", tokens)
+        if sys.byteorder == "big":
+            packed.byteswap()
+        return packed.tobytes()
+    ids = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    if ids.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {ids.shape}")
+    return ids.astype("<u4", copy=False).tobytes()

@@ -96,7 +96,9 @@ class MemoryPool:
         if cuda:
             self.pinned = True
             return torch.empty(self.capacity, dtype=torch.uint8, pin_memory=True)
-        return torch.empty(self.capacity, dtype=torch.uint8)
+        # Commit the pages now, as pinning would: no page faults on the request path, and a
+        # pod over its memory limit fails at start-up rather than mid-request.
+        return torch.zeros(self.capacity, dtype=torch.uint8)
 
     def _register(self, buffer: torch.Tensor) -> None:
         """Page-lock a hugepage mapping with CUDA so copies to the GPU are DMA, not staged."""
