@@ -18,7 +18,10 @@ bin="${E2E_BIN:-$repo/.e2e/bin}"
 mkdir -p "$cache" "$bin"
 
 export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod
-ldflags="-s -w"
+
+# Two `make e2e-tools` at once (two checkouts, two engineers) share the cache: take turns.
+exec 9>"$cache/.lock"
+flock 9
 
 log() { printf '[e2e-tools %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
@@ -33,9 +36,9 @@ wrapper_module() {
     "$module" "$version" >"$dir/go.mod"
 }
 
-# build_into DIR TOOL... : go build every PACKAGE named by "tool=package" pairs from module dir DIR
+# build_pairs DIR VERSION LDFLAGS TOOL=PACKAGE... : go build each package from the module in DIR
 build_pairs() {
-  local dir=$1 version=$2; shift 2
+  local dir=$1 version=$2 ldflags=$3; shift 3
   local pair tool pkg tmp
   for pair in "$@"; do
     tool=${pair%%=*} pkg=${pair#*=}
@@ -43,7 +46,7 @@ build_pairs() {
     log "building $tool $version ($pkg)"
     tmp="$cache/$tool-$version.tmp"
     rm -rf "$tmp" && mkdir -p "$tmp"
-    (cd "$dir" && go build -trimpath -ldflags="$ldflags" -o "$tmp/$tool" "$pkg")
+    (cd "$dir" && go build -trimpath -ldflags="-s -w $ldflags" -o "$tmp/$tool" "$pkg")
     rm -rf "$cache/$tool-$version" && mv "$tmp" "$cache/$tool-$version"
   done
 }
@@ -61,7 +64,15 @@ build_kubernetes() {
     sed -nE "s#^[[:space:]]*(k8s\.io/[^[:space:]]+) => \./staging/src/.*#replace \1 => \1 v0.$minor#p" \
       >>"$dir/go.mod"
   grep -q '^replace k8s.io/api ' "$dir/go.mod" || { log "no staging replaces found for $v"; exit 1; }
-  build_pairs "$dir" "$v" \
+  # What Kubernetes' own build stamps in (hack/lib/version.sh): without it every binary reports
+  # v0.0.0-master, which kubectl refuses to parse and chart kubeVersion checks reject.
+  local x ldflags="" major=${v#v} minor=${v#v1.}
+  major=${major%%.*} minor=${minor%%.*}
+  for x in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+    ldflags+=" -X $x.gitVersion=$v -X $x.gitMajor=$major -X $x.gitMinor=$minor"
+    ldflags+=" -X $x.gitTreeState=clean"
+  done
+  build_pairs "$dir" "$v" "$ldflags" \
     kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
     kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
     kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler \
@@ -69,13 +80,13 @@ build_kubernetes() {
 }
 
 build_module() {
-  local module=$1 version=$2 name=$3; shift 3
+  local module=$1 version=$2 name=$3 ldflags=$4; shift 4
   local pair missing=0
   for pair in "$@"; do have "${pair%%=*}" "$version" || missing=1; done
   ((missing)) || return 0
   local dir="$cache/.wrapper-$name-$version"
   wrapper_module "$dir" "$module" "$version"
-  build_pairs "$dir" "$version" "$@"
+  build_pairs "$dir" "$version" "$ldflags" "$@"
 }
 
 # kwok has no built-in stages: the controller needs a config listing them. kwokctl's defaults
@@ -97,10 +108,17 @@ kwok_stages() {
 
 start=$SECONDS
 build_kubernetes
-build_module go.etcd.io/etcd/server/v3 "$ETCD_VERSION" etcd etcd=go.etcd.io/etcd/server/v3
-build_module sigs.k8s.io/kwok "$KWOK_VERSION" kwok \
+build_module go.etcd.io/etcd/server/v3 "$ETCD_VERSION" etcd "" etcd=go.etcd.io/etcd/server/v3
+build_module sigs.k8s.io/kwok "$KWOK_VERSION" kwok "" \
   kwok=sigs.k8s.io/kwok/cmd/kwok kwokctl=sigs.k8s.io/kwok/cmd/kwokctl
-build_module helm.sh/helm/v3 "$HELM_VERSION" helm helm=helm.sh/helm/v3/cmd/helm
+# As helm's Makefile: its version, and the Kubernetes version `helm template` assumes offline.
+helm_k8s_minor=${KUBERNETES_VERSION#v1.}
+helm_k8s_minor=${helm_k8s_minor%%.*}
+helm_ldflags="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+for x in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+  helm_ldflags+=" -X $x.k8sVersionMajor=1 -X $x.k8sVersionMinor=$helm_k8s_minor"
+done
+build_module helm.sh/helm/v3 "$HELM_VERSION" helm "$helm_ldflags" helm=helm.sh/helm/v3/cmd/helm
 kwok_stages
 
 link() { ln -sfn "$cache/$1-$2/$1" "$bin/$1"; }

@@ -1,0 +1,74 @@
+"""Session fixtures: which cluster the e2e tests run against, API clients, throwaway namespaces.
+
+- `KUBECONFIG` set by the user (and not our own `.e2e/kubeconfig`): that cluster is used as is;
+  tests needing fake GPU/hugepage nodes or the audit log are skipped with a reason.
+- a cluster from `make e2e-up` still running: reused, and left running.
+- otherwise: the local control plane is started for the session and stopped after it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e import cluster as local
+from e2e.kube import Cluster, Kube, wait_for
+
+NEEDS_LOCAL = (
+    "needs the local control plane (fake GPU/hugepage nodes, API audit log); "
+    "KUBECONFIG points at an existing cluster"
+)
+
+
+def _is_ours(path: str) -> bool:
+    return Path(path).resolve() == local.KUBECONFIG.resolve() and local.running() is not None
+
+
+@pytest.fixture(scope="session")
+def kube() -> Iterator[Cluster]:
+    user = os.environ.get("KUBECONFIG")
+    if user and not _is_ours(user):
+        yield Cluster(Path(user), local=False)
+        return
+    if local.running() is not None:
+        yield Cluster(local.KUBECONFIG, local=True)
+        return
+    local.up()
+    try:
+        yield Cluster(local.KUBECONFIG, local=True)
+    finally:
+        local.down()
+
+
+@pytest.fixture(scope="session")
+def fake_nodes(kube: Cluster) -> list[local.NodeShape]:
+    """The fake node shapes; skips the test on a user's cluster, which has its own nodes."""
+    if not kube.local:
+        pytest.skip(NEEDS_LOCAL)
+    return local.NODE_SHAPES
+
+
+@pytest.fixture(scope="session")
+def k8s(kube: Cluster) -> Kube:
+    return Kube(kube.kubeconfig)
+
+
+@pytest.fixture
+def namespace(k8s: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace per test (pods need its default ServiceAccount, so wait for that)."""
+    base = request.node.name.lower().replace("_", "-")[:40].strip("-")
+    name = f"e2e-{base}-{uuid.uuid4().hex[:6]}"
+    k8s.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    wait_for(
+        f"ServiceAccount default in {name}",
+        lambda: k8s.get("v1", "ServiceAccount", "default", name),
+        timeout=30,
+    )
+    try:
+        yield name
+    finally:
+        k8s.delete("v1", "Namespace", name)
