@@ -42,3 +42,4 @@ bench: $(STAMP) ## engine store/retrieve/lookup throughput vs raw torch copies (
 -include operator/operator.mk
 -include charts/charts.mk
 -include images/images.mk
+-include benchmarks/*.mk

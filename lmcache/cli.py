@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lmcache.config import KEYS_BY_NAME, ConfigError, LMCacheEngineConfig
+from lmcache.config import KEYS, KEYS_BY_NAME, ConfigError, LMCacheEngineConfig
 
 
 def check_config() -> int:
@@ -27,6 +27,22 @@ def check_config() -> int:
     return 0
 
 
+def config_reference() -> str:
+    """The configuration table of the README (kept in sync by a test)."""
+    lines = ["| key | env var | default | meaning |", "| --- | --- | --- | --- |"]
+    for spec in KEYS:
+        default = spec.default
+        shown = (
+            "-"
+            if default is None
+            else str(default).lower()
+            if isinstance(default, bool)
+            else default
+        )
+        lines.append(f"| `{spec.name}` | `{spec.env}` | `{shown}` | {spec.doc} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmcache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,9 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="print the effective config (defaults < LMCACHE_CONFIG_FILE < LMCACHE_* env)",
         description="Keys: " + ", ".join(KEYS_BY_NAME),
     )
+    commands.add_parser("config-reference", help="print the config keys as a Markdown table")
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config()
+    if args.command == "config-reference":
+        print(config_reference())
+        return 0
     parser.error(f"unknown command {args.command}")
     return 2
 
