@@ -7,6 +7,7 @@ so a pod needs the pool once per rank.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 from lmcache_operator import quantity
 from lmcache_operator.spec import Spec
@@ -40,4 +41,4 @@ def container_memory(spec: Spec) -> str:
 def disk_volume_bytes(size_gb: float) -> int:
     """The disk tier's volume: its GB (2^30) plus 10% for file-system and index overhead,
     because an emptyDir over its sizeLimit gets the whole pod evicted."""
-    return math.ceil(size_gb * quantity.GIB * 1.1 / (1 << 20)) << 20
+    return math.ceil(Fraction(size_gb) * quantity.GIB * Fraction(11, 10) / (1 << 20)) << 20

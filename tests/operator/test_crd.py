@@ -1,0 +1,238 @@
+"""The CRD: a structural schema, CEL rules that refuse bad objects, defaults that agree with
+the operator's, and examples that pass it all.
+
+CEL is evaluated with cel-python after the same structural defaulting the API server does;
+the e2e suite checks the file against a real kube-apiserver as well.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import celpy
+import jsonschema
+import pytest
+import yaml
+from lmcache_operator import api
+from lmcache_operator import spec as spec_mod
+
+from tests.operator.fakes import EXAMPLES, apply_defaults, crd_schema, load_crd
+
+SPEC_SCHEMA = crd_schema()["properties"]["spec"]
+
+
+def walk(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    yield path, schema
+    for name, sub in (schema.get("properties") or {}).items():
+        yield from walk(sub, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        yield from walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from walk(schema["additionalProperties"], f"{path}{{}}")
+
+
+def test_names_match_the_operator() -> None:
+    crd = load_crd()
+    assert crd["metadata"]["name"] == f"{api.PLURAL}.{api.GROUP}"
+    assert crd["spec"]["group"] == api.GROUP
+    assert crd["spec"]["names"]["kind"] == api.KIND
+    assert crd["spec"]["names"]["shortNames"] == ["lmcd"]
+    assert crd["spec"]["scope"] == "Namespaced"
+    version = crd["spec"]["versions"][0]
+    assert version["name"] == api.VERSION
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+    assert "status" in version["subresources"]
+    columns = {c["name"] for c in version["additionalPrinterColumns"]}
+    assert {"Model", "Replicas", "Ready", "CPU-Cache-GB", "Hugepages", "Valkey", "Age"} <= columns
+
+
+def test_schema_is_structural() -> None:
+    """Every node has a type (or is int-or-string / preserve-unknown-fields), and no node
+    mixes properties with additionalProperties: the API server's structural rules."""
+    for path, node in walk(crd_schema()):
+        special = node.get("x-kubernetes-int-or-string") or node.get(
+            "x-kubernetes-preserve-unknown-fields"
+        )
+        assert "type" in node or special, f"{path or '<root>'} has no type"
+        assert not ("properties" in node and "additionalProperties" in node), path
+        if "default" in node and node.get("type") == "object":
+            assert isinstance(node["default"], dict), path
+        for banned in ("$ref", "definitions", "dependencies", "patternProperties"):
+            assert banned not in node, f"{path}: {banned} is not allowed"
+
+
+def test_defaults_validate_against_their_own_schema() -> None:
+    for path, node in walk(crd_schema()):
+        if "default" in node:
+            errors = list(Draft(_openapi_to_jsonschema(node)).iter_errors(node["default"]))
+            assert errors == [], f"{path}: default {node['default']!r}: {errors}"
+
+
+def test_python_defaults_equal_crd_defaults() -> None:
+    """The reconciler sees the same spec whether or not the API server defaulted it."""
+    bare = spec_mod.parse({"model": "m"})
+    defaulted = spec_mod.parse(apply_defaults(SPEC_SCHEMA, {"model": "m"}))
+    assert bare == defaulted
+
+
+# --- CEL -------------------------------------------------------------------------------------
+
+_CEL = celpy.Environment()
+
+
+def cel_errors(spec: dict[str, Any]) -> list[str]:
+    """The messages of every CEL rule the (defaulted) spec breaks, walking the schema."""
+    found: list[str] = []
+
+    def visit(schema: dict[str, Any], value: Any) -> None:
+        for rule in schema.get("x-kubernetes-validations") or []:
+            program = _CEL.program(_CEL.compile(rule["rule"]))
+            if not program.evaluate({"self": celpy.json_to_cel(value)}):
+                found.append(rule["message"])
+        if isinstance(value, dict):
+            for name, sub in (schema.get("properties") or {}).items():
+                if name in value:
+                    visit(sub, value[name])
+
+    visit(SPEC_SCHEMA, as_schema_types(SPEC_SCHEMA, apply_defaults(SPEC_SCHEMA, spec)))
+    return found
+
+
+def as_schema_types(schema: dict[str, Any], value: Any) -> Any:
+    """CEL sees a `number` field as a double even when the JSON held an integer."""
+    if schema.get("type") == "number" and isinstance(value, int):
+        return float(value)
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        return {k: as_schema_types(props.get(k, {}), v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_schema_types(schema.get("items") or {}, v) for v in value]
+    return value
+
+
+def schema_errors(spec: dict[str, Any]) -> list[str]:
+    validator = Draft(_openapi_to_jsonschema(SPEC_SCHEMA))
+    return [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(apply_defaults(SPEC_SCHEMA, spec))
+    ]
+
+
+Draft = jsonschema.Draft4Validator  # OpenAPI v3.0 uses draft-4 style exclusiveMinimum
+
+
+def _openapi_to_jsonschema(schema: Any) -> Any:
+    """Drop the x- extensions and let int-or-string accept both."""
+    if isinstance(schema, dict):
+        out = {k: _openapi_to_jsonschema(v) for k, v in schema.items() if not k.startswith("x-")}
+        if schema.get("x-kubernetes-int-or-string"):
+            out["type"] = ["integer", "string"]
+        if "properties" in out and isinstance(out["properties"], dict):
+            out["properties"] = {
+                k: _openapi_to_jsonschema(v) for k, v in schema["properties"].items()
+            }
+        return out
+    if isinstance(schema, list):
+        return [_openapi_to_jsonschema(v) for v in schema]
+    return schema
+
+
+BAD = {
+    "valkey with remote": (
+        {"valkey": {"enabled": True}, "remote": {"url": "valkey://x:6379"}},
+        "valkey.enabled and remote.url are exclusive",
+    ),
+    "hugepages with shm_name": (
+        {"lmcache": {"hugepages": {"enabled": True}, "extraConfig": {"shm_name": "x"}}},
+        "incompatible with extraConfig.shm_name",
+    ),
+    "hugepages with p2p": (
+        {"lmcache": {"hugepages": {"enabled": True}, "extraConfig": {"enable_p2p": True}}},
+        "incompatible with extraConfig.enable_p2p",
+    ),
+    "disk without size": (
+        {"lmcache": {"localDisk": {"enabled": True}}},
+        "localDisk.size must be > 0",
+    ),
+    "disk with zero size": (
+        {"lmcache": {"localDisk": {"enabled": True, "size": 0}}},
+        "localDisk.size must be > 0",
+    ),
+    "credentials without url": (
+        {"remote": {"credentialsSecretRef": {"name": "s"}}},
+        "remote.credentialsSecretRef needs remote.url",
+    ),
+    "metrics on the vllm port": (
+        {"metrics": {"port": 8000}},
+        "metrics.port must differ from service.port",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_cel_refuses(case: str) -> None:
+    spec, message = BAD[case]
+    errors = cel_errors({"model": "m", **spec})
+    assert any(message in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"lmcache": {"hugepages": {"enabled": True}, "extraConfig": {"enable_p2p": False}}},
+        {"lmcache": {"hugepages": {"enabled": False}, "extraConfig": {"shm_name": "x"}}},
+        {"lmcache": {"localDisk": {"enabled": False}}},
+        {"valkey": {"enabled": False}, "remote": {"url": "redis://x:6379"}},
+        {"metrics": {"enabled": False, "port": 8000}},
+    ],
+)
+def test_cel_accepts(spec: dict[str, Any]) -> None:
+    assert cel_errors({"model": "m", **spec}) == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"lmcache": {"maxLocalCpuSize": 0}}, "lmcache.maxLocalCpuSize"),
+        ({"lmcache": {"maxLocalCpuSize": -1}}, "lmcache.maxLocalCpuSize"),
+        ({"replicas": -1}, "replicas"),
+        ({"vllm": {"tensorParallelSize": 0}}, "vllm.tensorParallelSize"),
+        ({"vllm": {"gpuMemoryUtilization": 1.5}}, "vllm.gpuMemoryUtilization"),
+        ({"service": {"type": "ExternalName"}}, "service.type"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "image.pullPolicy"),
+        ({"remote": {"url": "http://x"}}, "remote.url"),
+        (
+            {"lmcache": {"localDisk": {"enabled": True, "size": 1, "path": "relative"}}},
+            "lmcache.localDisk.path",
+        ),
+    ],
+)
+def test_schema_refuses_naming_the_field(spec: dict[str, Any], field: str) -> None:
+    errors = schema_errors({"model": "m", **spec})
+    assert any(e.startswith(field + ":") for e in errors), errors
+
+
+def test_model_is_required() -> None:
+    assert any("'model' is a required property" in e for e in schema_errors({}))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_pass_schema_cel_and_operator_checks(path: Any) -> None:
+    doc = yaml.safe_load(path.read_text())
+    assert doc["apiVersion"] == api.API_VERSION and doc["kind"] == api.KIND
+    assert schema_errors(doc["spec"]) == []
+    assert cel_errors(doc["spec"]) == []
+    spec = spec_mod.parse(apply_defaults(SPEC_SCHEMA, copy.deepcopy(doc["spec"])))
+    assert spec_mod.problems(spec) == []
+
+
+def test_there_are_examples_for_each_mode() -> None:
+    names = {p.name for p in EXAMPLES}
+    assert {
+        "lmcachedeployment-minimal.yaml",
+        "lmcachedeployment-hugepages.yaml",
+        "lmcachedeployment-valkey.yaml",
+        "lmcachedeployment-remote-disk.yaml",
+    } <= names

@@ -1,0 +1,331 @@
+"""The reconciler against an in-memory cluster (see fakes.FakeCluster for why and how real).
+
+What matters to a platform team: first reconcile creates everything; the second writes
+nothing; drift is repaired; a bad spec applies nothing and says why; disabling a feature
+removes what it created; the generated password survives.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+from typing import Any
+
+import pytest
+from lmcache_operator import api
+from lmcache_operator.kube import ApiError
+from lmcache_operator.reconcile import ReconcileError, Reconciler
+
+from tests.operator.fakes import FakeCluster, custom_resource, node
+
+CLOCK = (f"2026-01-01T{n // 3600:02d}:{n // 60 % 60:02d}:{n % 60:02d}Z" for n in itertools.count())
+
+
+def reconciler(cluster: FakeCluster) -> Reconciler:
+    return Reconciler(cluster, now=lambda: next(CLOCK))
+
+
+def create(cluster: FakeCluster, spec: dict[str, Any], generation: int = 1) -> None:
+    """Create the CR, or update its spec keeping the status, as `kubectl apply` would."""
+    body = custom_resource({"model": "m", **spec}, generation=generation)
+    old = cluster.objects.get((api.API_VERSION, api.KIND, "ml", "demo"))
+    if old and "status" in old:
+        body["status"] = old["status"]
+    cluster.add(body)
+
+
+def cr_status(cluster: FakeCluster) -> dict[str, Any]:
+    return cluster.find(api.KIND, "demo")["status"]
+
+
+def condition(cluster: FakeCluster, type_: str) -> dict[str, Any]:
+    return next(c for c in cr_status(cluster)["conditions"] if c["type"] == type_)
+
+
+def rollout_done(cluster: FakeCluster, replicas: int = 1) -> None:
+    dep = cluster.find("Deployment", "demo")
+    cluster.set_status(
+        "Deployment",
+        "demo",
+        {
+            "observedGeneration": dep["metadata"]["generation"],
+            "replicas": replicas,
+            "updatedReplicas": replicas,
+            "readyReplicas": replicas,
+            "availableReplicas": replicas,
+        },
+    )
+
+
+def test_first_reconcile_creates_children_second_writes_nothing(cluster: FakeCluster) -> None:
+    create(cluster, {"valkey": {"enabled": True}})
+    r = reconciler(cluster)
+    assert r.reconcile("ml", "demo") is True
+    assert cluster.kinds() == [
+        ("ConfigMap", "demo-lmcache-config"),
+        ("ConfigMap", "demo-valkey-config"),
+        ("Deployment", "demo"),
+        ("NetworkPolicy", "demo-valkey"),
+        ("Secret", "demo-valkey-auth"),
+        ("Service", "demo"),
+        ("Service", "demo-valkey"),
+        ("Service", "demo-valkey-headless"),
+        ("StatefulSet", "demo-valkey"),
+    ]
+    assert ("Normal", "Applied") in [(t, r_) for t, r_, _ in cluster.events]
+    cluster.writes.clear()
+    cluster.events.clear()
+    r.reconcile("ml", "demo")
+    assert cluster.writes == []  # server defaults and status do not look like drift
+    assert cluster.events == []
+
+
+def test_status_after_rollout_is_ready_and_then_stable(cluster: FakeCluster) -> None:
+    create(cluster, {})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    assert cr_status(cluster)["phase"] == "Progressing"
+    assert condition(cluster, "Ready")["status"] == "False"
+    rollout_done(cluster)
+    r.reconcile("ml", "demo")
+    st = cr_status(cluster)
+    assert st["phase"] == "Ready"
+    assert (st["replicas"], st["readyReplicas"], st["observedGeneration"]) == (1, 1, 1)
+    assert st["selector"] == "app.kubernetes.io/component=vllm,app.kubernetes.io/instance=demo"
+    assert len(st["configHash"]) == 16
+    ready = condition(cluster, "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "Available")
+    assert ("Normal", "Available") in [(t, r_) for t, r_, _ in cluster.events]
+    stamp = ready["lastTransitionTime"]
+    cluster.writes.clear()
+    r.reconcile("ml", "demo")
+    assert cluster.writes == []
+    assert condition(cluster, "Ready")["lastTransitionTime"] == stamp
+
+
+def test_all_six_conditions_carry_observed_generation(cluster: FakeCluster) -> None:
+    create(cluster, {}, generation=7)
+    reconciler(cluster).reconcile("ml", "demo")
+    conds = cr_status(cluster)["conditions"]
+    assert {c["type"] for c in conds} == {
+        "Ready",
+        "Progressing",
+        "Degraded",
+        "ConfigValid",
+        "ValkeyReady",
+        "HugepagesSchedulable",
+    }
+    assert {c["observedGeneration"] for c in conds} == {7}
+
+
+def test_deleted_child_is_restored(cluster: FakeCluster) -> None:
+    create(cluster, {})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    cluster.delete("v1", "ConfigMap", "ml", "demo-lmcache-config")
+    cluster.writes.clear()
+    r.reconcile("ml", "demo")
+    assert cluster.writes == [("apply", "ConfigMap", "demo-lmcache-config")]
+
+
+def test_hand_edited_field_is_restored(cluster: FakeCluster) -> None:
+    create(cluster, {"lmcache": {"hugepages": {"enabled": True}}})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    dep = cluster.find("Deployment", "demo")
+    dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["hugepages-2Mi"] = "1Gi"
+    dep["metadata"]["labels"]["extra"] = "added-by-someone"  # not ours: left alone
+    cluster.writes.clear()
+    r.reconcile("ml", "demo")
+    assert cluster.writes == [("apply", "Deployment", "demo")]
+    limits = cluster.find("Deployment", "demo")["spec"]["template"]["spec"]["containers"][0][
+        "resources"
+    ]["limits"]
+    assert limits["hugepages-2Mi"] == "5Gi"
+
+
+def test_spec_change_rolls_pods_through_the_config_hash(cluster: FakeCluster) -> None:
+    create(cluster, {})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    before = cluster.find("Deployment", "demo")["spec"]["template"]["metadata"]["annotations"][
+        api.ANNOTATION_CONFIG_HASH
+    ]
+    create(cluster, {"lmcache": {"chunkSize": 512}}, generation=2)
+    cluster.writes.clear()
+    r.reconcile("ml", "demo")
+    assert ("apply", "ConfigMap", "demo-lmcache-config") in cluster.writes
+    after = cluster.find("Deployment", "demo")["spec"]["template"]["metadata"]["annotations"][
+        api.ANNOTATION_CONFIG_HASH
+    ]
+    assert after != before
+    assert cr_status(cluster)["configHash"] == after
+
+
+def test_invalid_spec_applies_nothing_and_says_why(cluster: FakeCluster) -> None:
+    create(cluster, {"lmcache": {"extraConfig": {"chunk_size": 1}}})
+    reconciler(cluster).reconcile("ml", "demo")
+    assert cluster.kinds() == []  # no half-applied children
+    valid = condition(cluster, "ConfigValid")
+    assert (valid["status"], valid["reason"]) == ("False", "InvalidSpec")
+    assert "spec.lmcache.extraConfig.chunk_size" in valid["message"]
+    assert cr_status(cluster)["phase"] == "Invalid"
+    warnings = [(r_, m) for t, r_, m in cluster.events if t == "Warning"]
+    assert any(r_ == "InvalidSpec" and "chunk_size" in m for r_, m in warnings)
+
+
+def test_invalid_update_keeps_running_children_untouched(cluster: FakeCluster) -> None:
+    create(cluster, {})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    good_hash = cr_status(cluster)["configHash"]
+    create(cluster, {"vllm": {"extraArgs": ["--port=1"]}}, generation=2)
+    cluster.writes.clear()
+    r.reconcile("ml", "demo")
+    assert [w for w in cluster.writes if w[0] != "status"] == []
+    assert cr_status(cluster)["configHash"] == good_hash
+    assert cr_status(cluster)["observedGeneration"] == 2
+
+
+def test_fixing_the_spec_recovers(cluster: FakeCluster) -> None:
+    create(cluster, {"vllm": {"extraArgs": ["--port=1"]}})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    assert cluster.kinds() == []
+    create(cluster, {}, generation=2)
+    r.reconcile("ml", "demo")
+    assert condition(cluster, "ConfigValid")["status"] == "True"
+    assert ("Deployment", "demo") in cluster.kinds()
+
+
+def test_disabling_valkey_prunes_its_children(cluster: FakeCluster) -> None:
+    create(cluster, {"valkey": {"enabled": True}})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    create(cluster, {}, generation=2)
+    r.reconcile("ml", "demo")
+    assert cluster.kinds() == [
+        ("ConfigMap", "demo-lmcache-config"),
+        ("Deployment", "demo"),
+        ("Service", "demo"),
+    ]
+    assert "valkeyEndpoint" not in cr_status(cluster)
+
+
+def test_generated_password_is_stable(cluster: FakeCluster) -> None:
+    create(cluster, {"valkey": {"enabled": True}})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    first = cluster.find("Secret", "demo-valkey-auth")["data"]["password"]
+    assert len(base64.b64decode(first)) == 48
+    create(cluster, {"valkey": {"enabled": True, "maxMemory": "8Gi"}}, generation=2)
+    r.reconcile("ml", "demo")
+    assert cluster.find("Secret", "demo-valkey-auth")["data"]["password"] == first
+
+
+def test_valkey_ready_condition_and_endpoint(cluster: FakeCluster) -> None:
+    create(cluster, {"valkey": {"enabled": True}})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    assert condition(cluster, "ValkeyReady")["status"] == "False"
+    rollout_done(cluster)
+    r.reconcile("ml", "demo")
+    assert condition(cluster, "Ready")["reason"] == "ValkeyNotReady"
+    sts = cluster.find("StatefulSet", "demo-valkey")
+    cluster.set_status(
+        "StatefulSet",
+        "demo-valkey",
+        {"readyReplicas": 1, "observedGeneration": sts["metadata"]["generation"]},
+    )
+    r.reconcile("ml", "demo")
+    assert condition(cluster, "ValkeyReady")["status"] == "True"
+    assert condition(cluster, "Ready")["status"] == "True"
+    assert cr_status(cluster)["valkeyEndpoint"] == "demo-valkey.ml.svc:6379"
+
+
+def test_hugepages_schedulable_names_the_pages_needed() -> None:
+    cluster = FakeCluster(
+        nodes=[
+            node("small", gpus=8, hugepages="2Gi"),
+            node("cordoned", gpus=8, hugepages="64Gi", unschedulable=True),
+        ]
+    )
+    create(
+        cluster, {"lmcache": {"hugepages": {"enabled": True}}, "vllm": {"tensorParallelSize": 2}}
+    )
+    reconciler(cluster).reconcile("ml", "demo")
+    cond = condition(cluster, "HugepagesSchedulable")
+    assert (cond["status"], cond["reason"]) == ("False", "InsufficientCapacity")
+    assert "5120 hugepages-2Mi pages (10Gi)" in cond["message"]
+    assert "small" in cond["message"]
+    assert any(r_ == "InsufficientCapacity" for _, r_, _ in cluster.events)
+
+
+def test_hugepages_schedulable_respects_node_selector() -> None:
+    cluster = FakeCluster(
+        nodes=[
+            node("a", hugepages="64Gi", labels={"pool": "a"}),
+            node("b", hugepages="64Gi", labels={"pool": "b"}),
+        ]
+    )
+    create(cluster, {"lmcache": {"hugepages": {"enabled": True}}, "nodeSelector": {"pool": "b"}})
+    reconciler(cluster).reconcile("ml", "demo")
+    cond = condition(cluster, "HugepagesSchedulable")
+    assert cond["status"] == "True" and "node b" in cond["message"]
+
+
+def test_unreadable_nodes_make_the_condition_unknown() -> None:
+    cluster = FakeCluster(nodes=None)
+    create(cluster, {})
+    reconciler(cluster).reconcile("ml", "demo")
+    assert condition(cluster, "HugepagesSchedulable")["status"] == "Unknown"
+
+
+def test_apply_failure_is_degraded_and_retried(cluster: FakeCluster) -> None:
+    create(cluster, {})
+    cluster.fail_apply = ApiError(422, "PATCH", "/x", "field is immutable")
+    with pytest.raises(ReconcileError, match="immutable"):
+        reconciler(cluster).reconcile("ml", "demo")
+    degraded = condition(cluster, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ApplyFailed")
+    assert cr_status(cluster)["phase"] == "Degraded"
+
+
+def test_progress_deadline_is_degraded(cluster: FakeCluster) -> None:
+    create(cluster, {})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    cluster.set_status(
+        "Deployment",
+        "demo",
+        {
+            "conditions": [
+                {
+                    "type": "Progressing",
+                    "status": "False",
+                    "reason": "ProgressDeadlineExceeded",
+                    "message": "ReplicaSet demo-abc has timed out progressing.",
+                }
+            ]
+        },
+    )
+    r.reconcile("ml", "demo")
+    assert condition(cluster, "Degraded")["reason"] == "ProgressDeadlineExceeded"
+    assert condition(cluster, "Progressing")["status"] == "False"
+
+
+def test_scaled_to_zero_is_ready(cluster: FakeCluster) -> None:
+    create(cluster, {"replicas": 0})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    rollout_done(cluster, replicas=0)
+    r.reconcile("ml", "demo")
+    assert condition(cluster, "Ready")["reason"] == "ScaledToZero"
+
+
+def test_gone_or_deleting_objects_are_left_to_garbage_collection(cluster: FakeCluster) -> None:
+    assert reconciler(cluster).reconcile("ml", "missing") is False
+    create(cluster, {})
+    cluster.find(api.KIND, "demo")["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert reconciler(cluster).reconcile("ml", "demo") is False
+    assert cluster.writes == []

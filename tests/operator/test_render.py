@@ -1,0 +1,444 @@
+"""Spec → manifests: every field lands where it should, and the arithmetic is right."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+import yaml
+from lmcache_operator import api, quantity
+from lmcache_operator.render import bundle, engine_config, sizing, valkey, vllm
+from lmcache_operator.render.common import Owner
+from lmcache_operator.spec import parse
+
+OWNER = Owner(name="demo", namespace="ml", uid="uid-demo")
+
+
+def rendered(spec: dict[str, Any], password: str | None = "pw") -> dict[tuple[str, str], Any]:
+    out = bundle.render(parse({"model": "m", **spec}), OWNER, password)
+    return {(m["kind"], m["metadata"]["name"]): m for m in out.manifests}
+
+
+def pod(spec: dict[str, Any]) -> dict[str, Any]:
+    return rendered(spec)[("Deployment", "demo")]["spec"]["template"]["spec"]
+
+
+def container(spec: dict[str, Any]) -> dict[str, Any]:
+    return pod(spec)["containers"][0]
+
+
+def config(spec: dict[str, Any]) -> dict[str, Any]:
+    cm = rendered(spec)[("ConfigMap", "demo-lmcache-config")]
+    return yaml.safe_load(cm["data"]["config.yaml"])
+
+
+def env_of(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+
+
+# --- hugepage and memory arithmetic -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size_gb", "pages"), [(5.0, 2560), (1.0, 512), (0.001, 1), (2.5, 1280), (0.5, 256)]
+)
+def test_pages_per_rank_is_ceil_of_size_over_2mib(size_gb: float, pages: int) -> None:
+    assert sizing.pages_per_rank(size_gb) == pages
+
+
+def test_hugepages_5gb_request_equals_limit_5gi() -> None:
+    res = container({"lmcache": {"hugepages": {"enabled": True}}})["resources"]
+    assert res["requests"]["hugepages-2Mi"] == "5Gi"
+    assert res["limits"]["hugepages-2Mi"] == "5Gi"
+
+
+def test_hugepages_scale_with_tensor_parallel_ranks() -> None:
+    spec = {
+        "lmcache": {"hugepages": {"enabled": True}, "maxLocalCpuSize": 5},
+        "vllm": {"tensorParallelSize": 4},
+    }
+    res = container(spec)["resources"]
+    assert res["limits"]["hugepages-2Mi"] == "20Gi"  # 4 ranks × 2560 pages × 2 MiB
+    assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "4"
+
+
+def test_odd_sizes_round_up_to_whole_pages_in_canonical_form() -> None:
+    res = container({"lmcache": {"hugepages": {"enabled": True}, "maxLocalCpuSize": 1.001}})
+    # ceil(1.001 GiB / 2 MiB) = 513 pages = 1026Mi
+    assert res["resources"]["limits"]["hugepages-2Mi"] == "1026Mi"
+
+
+def test_with_hugepages_memory_is_vllm_memory_alone() -> None:
+    res = container({"lmcache": {"hugepages": {"enabled": True}}, "resources": {"memory": "16Gi"}})
+    assert res["resources"]["requests"]["memory"] == "16Gi"
+    assert res["resources"]["limits"]["memory"] == "16Gi"
+
+
+def test_without_hugepages_the_pinned_pool_is_added_to_memory() -> None:
+    res = container(
+        {
+            "resources": {"memory": "16Gi"},
+            "vllm": {"tensorParallelSize": 2},
+            "lmcache": {"maxLocalCpuSize": 5},
+        }
+    )["resources"]
+    assert res["requests"]["memory"] == res["limits"]["memory"] == "26Gi"  # 16 + 2 × 5
+    assert "hugepages-2Mi" not in res["requests"]
+
+
+def test_pool_counts_even_with_local_cpu_off() -> None:
+    # The engine keeps the pinned pool as a staging buffer for disk/remote either way.
+    res = container({"lmcache": {"localCpu": False}, "resources": {"memory": "8Gi"}})
+    assert res["resources"]["limits"]["memory"] == "13Gi"
+
+
+def test_decimal_memory_plus_pool_stays_exact() -> None:
+    memory = container({"resources": {"memory": "16G"}})["resources"]["limits"]["memory"]
+    assert quantity.parse(memory) == 16 * 10**9 + 5 * 2**30
+
+
+# --- the vLLM pod ---------------------------------------------------------------------------
+
+
+def test_vllm_command_has_kv_transfer_config_and_model_flags() -> None:
+    c = container(
+        {
+            "servedModelName": "llama",
+            "vllm": {
+                "maxModelLen": 8192,
+                "tensorParallelSize": 2,
+                "gpuMemoryUtilization": 0.85,
+                "extraArgs": ["--enable-prefix-caching"],
+            },
+        }
+    )
+    assert c["command"] == ["vllm", "serve"]
+    args = c["args"]
+    assert args[0] == "m"
+    kv = next(a for a in args if a.startswith("--kv-transfer-config="))
+    assert json.loads(kv.split("=", 1)[1]) == {
+        "kv_connector": "LMCacheConnectorV1",
+        "kv_role": "kv_both",
+    }
+    assert "--max-model-len=8192" in args
+    assert "--tensor-parallel-size=2" in args
+    assert "--gpu-memory-utilization=0.85" in args
+    assert "--served-model-name=llama" in args
+    assert args[-1] == "--enable-prefix-caching"
+
+
+def test_config_is_a_projected_volume_at_the_fixed_path() -> None:
+    p = pod({})
+    vol = next(v for v in p["volumes"] if v["name"] == "lmcache-config")
+    source = vol["projected"]["sources"][0]["configMap"]
+    assert source["name"] == "demo-lmcache-config"
+    mount = next(m for m in p["containers"][0]["volumeMounts"] if m["name"] == "lmcache-config")
+    assert mount == {"name": "lmcache-config", "mountPath": "/etc/lmcache", "readOnly": True}
+    assert env_of(p["containers"][0])["LMCACHE_CONFIG_FILE"] == "/etc/lmcache/config.yaml"
+
+
+def test_dev_shm_always_and_hugepage_volume_only_with_hugepages() -> None:
+    plain = {v["name"]: v for v in pod({})["volumes"]}
+    assert plain["dshm"] == {"name": "dshm", "emptyDir": {"medium": "Memory"}}
+    assert "hugepages" not in plain
+    huge = {v["name"]: v for v in pod({"lmcache": {"hugepages": {"enabled": True}}})["volumes"]}
+    assert huge["hugepages"]["emptyDir"] == {"medium": "HugePages-2Mi"}
+
+
+def test_probes_ports_and_config_hash_annotation() -> None:
+    dep = rendered({})[("Deployment", "demo")]
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+        "http": 8000,
+        "lmcache-metrics": 9090,
+    }
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert (
+        annotations[api.ANNOTATION_CONFIG_HASH]
+        == bundle.render(parse({"model": "m"}), OWNER, None).config_hash
+    )
+
+
+def test_placement_pod_metadata_and_image_fields() -> None:
+    spec = {
+        "image": {
+            "repository": "r/x",
+            "tag": "1",
+            "pullPolicy": "Always",
+            "pullSecrets": ["regcred"],
+        },
+        "nodeSelector": {"gpu": "h100"},
+        "tolerations": [{"key": "gpu", "operator": "Exists"}],
+        "affinity": {"nodeAffinity": {}},
+        "priorityClassName": "high",
+        "runtimeClassName": "nvidia",
+        "serviceAccountName": "vllm",
+        "podAnnotations": {"a": "b"},
+        "podLabels": {"team": "ml", api.LABEL_INSTANCE: "spoof"},
+    }
+    dep = rendered(spec)[("Deployment", "demo")]
+    tmpl = dep["spec"]["template"]
+    p = tmpl["spec"]
+    assert p["containers"][0]["image"] == "r/x:1"
+    assert p["containers"][0]["imagePullPolicy"] == "Always"
+    assert p["imagePullSecrets"] == [{"name": "regcred"}]
+    assert p["nodeSelector"] == {"gpu": "h100"}
+    assert p["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert p["priorityClassName"] == "high"
+    assert p["runtimeClassName"] == "nvidia"
+    assert p["serviceAccountName"] == "vllm"
+    assert tmpl["metadata"]["annotations"]["a"] == "b"
+    assert tmpl["metadata"]["labels"]["team"] == "ml"
+    # A user label can never break the selector.
+    assert tmpl["metadata"]["labels"][api.LABEL_INSTANCE] == "demo"
+    assert dep["spec"]["selector"]["matchLabels"].items() <= tmpl["metadata"]["labels"].items()
+
+
+def test_digest_wins_over_tag() -> None:
+    digest = "sha256:" + "a" * 64
+    assert container({"image": {"digest": digest}})["image"] == (
+        f"{api.DEFAULT_IMAGE_REPOSITORY}@{digest}"
+    )
+
+
+def test_defaults() -> None:
+    c = container({})
+    assert c["image"] == "ghcr.io/lmcache-kube/vllm-lmcache:0.1.0"
+    assert c["resources"]["requests"] == {"cpu": "4", "memory": "21Gi", "nvidia.com/gpu": "1"}
+    assert config({}) == {
+        "chunk_size": 256,
+        "local_cpu": True,
+        "max_local_cpu_size": 5.0,
+        "local_cpu_use_hugepages": False,
+        "prefetch": False,
+        "metrics_port": 9090,
+    }
+    svc = rendered({})[("Service", "demo")]
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert [p["port"] for p in svc["spec"]["ports"]] == [8000, 9090]
+
+
+def test_custom_gpu_resource_name_and_count() -> None:
+    res = container({"resources": {"gpus": 2, "gpuResourceName": "amd.com/gpu"}})["resources"]
+    assert res["limits"]["amd.com/gpu"] == "2"
+    assert "nvidia.com/gpu" not in res["limits"]
+
+
+def test_metrics_disabled_drops_port_and_config_key() -> None:
+    spec = {"metrics": {"enabled": False}}
+    assert "metrics_port" not in config(spec)
+    assert [p["name"] for p in container(spec)["ports"]] == ["http"]
+
+
+# --- local disk -----------------------------------------------------------------------------
+
+
+def test_local_disk_emptydir_with_headroom_and_config() -> None:
+    spec = {"lmcache": {"localDisk": {"enabled": True, "size": 100}}}
+    vols = {v["name"]: v for v in pod(spec)["volumes"]}
+    assert vols["lmcache-disk"]["emptyDir"]["sizeLimit"] == "110Gi"  # 100 GiB + 10%, canonical
+    assert config(spec)["local_disk"] == "/var/cache/lmcache"
+    assert config(spec)["max_local_disk_size"] == 100
+
+
+def test_local_disk_with_storage_class_is_a_per_pod_ephemeral_pvc() -> None:
+    spec = {
+        "lmcache": {
+            "localDisk": {"enabled": True, "size": 50, "storageClassName": "nvme", "path": "/cache"}
+        }
+    }
+    p = pod(spec)
+    vol = next(v for v in p["volumes"] if v["name"] == "lmcache-disk")
+    claim = vol["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim["storageClassName"] == "nvme"
+    assert claim["resources"]["requests"]["storage"] == "55Gi"
+    mount = next(m for m in p["containers"][0]["volumeMounts"] if m["name"] == "lmcache-disk")
+    assert mount["mountPath"] == "/cache"
+
+
+# --- engine config, secrets and hashing -----------------------------------------------------
+
+
+def test_typed_fields_and_extra_config_reach_config_yaml() -> None:
+    cfg = config(
+        {
+            "lmcache": {
+                "chunkSize": 512,
+                "localCpu": False,
+                "maxLocalCpuSize": 2.5,
+                "prefetch": True,
+                "hugepages": {"enabled": True},
+                "extraConfig": {"save_unfull_chunk": False},
+            }
+        }
+    )
+    assert cfg["chunk_size"] == 512
+    assert cfg["local_cpu"] is False
+    assert cfg["max_local_cpu_size"] == 2.5
+    assert cfg["prefetch"] is True
+    assert cfg["local_cpu_use_hugepages"] is True
+    assert cfg["save_unfull_chunk"] is False
+
+
+def test_external_remote_credentials_only_via_secret_env() -> None:
+    spec = {
+        "remote": {
+            "url": "rediss://cache.example:6380/2",
+            "credentialsSecretRef": {"name": "redis-creds"},
+        }
+    }
+    cfg = config(spec)
+    assert cfg["remote_url"] == "rediss://cache.example:6380/2"
+    env = env_of(container(spec))
+    assert env["LMCACHE_REMOTE_PASSWORD"] == {
+        "secretKeyRef": {"name": "redis-creds", "key": "password"}
+    }
+    assert env["LMCACHE_REMOTE_USERNAME"]["secretKeyRef"]["optional"] is True
+    text = rendered(spec)[("ConfigMap", "demo-lmcache-config")]["data"]["config.yaml"]
+    assert "password" not in text and "redis-creds" not in text
+
+
+def test_hf_token_from_secret() -> None:
+    env = env_of(container({"hfTokenSecretRef": {"name": "hf", "key": "tok"}}))
+    assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "tok"}}
+
+
+def test_user_env_is_appended_after_operator_env() -> None:
+    c = container({"vllm": {"env": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}]}})
+    assert c["env"][0]["name"] == "LMCACHE_CONFIG_FILE"
+    assert c["env"][-1] == {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}
+
+
+def test_config_hash_is_stable_and_follows_config_changes() -> None:
+    def digest(spec: dict[str, Any]) -> str:
+        return bundle.render(parse({"model": "m", **spec}), OWNER, None).config_hash
+
+    base = {"lmcache": {"chunkSize": 256, "extraConfig": {"b": 1, "a": 2}}}
+    reordered = {"lmcache": {"extraConfig": {"a": 2, "b": 1}, "chunkSize": 256}}
+    assert digest(base) == digest(reordered) == digest(base)
+    assert digest({"lmcache": {"chunkSize": 512}}) != digest({})
+    # Fields that do not reach config.yaml do not roll pods through the hash.
+    assert digest({"replicas": 3}) == digest({})
+
+
+# --- Valkey ---------------------------------------------------------------------------------
+
+
+def test_valkey_children_and_remote_url() -> None:
+    objs = rendered({"valkey": {"enabled": True}})
+    assert set(objs) >= {
+        ("Secret", "demo-valkey-auth"),
+        ("ConfigMap", "demo-valkey-config"),
+        ("Service", "demo-valkey-headless"),
+        ("Service", "demo-valkey"),
+        ("StatefulSet", "demo-valkey"),
+        ("NetworkPolicy", "demo-valkey"),
+    }
+    assert config({"valkey": {"enabled": True}})["remote_url"] == (
+        "valkey://demo-valkey.ml.svc:6379"
+    )
+    assert objs[("Service", "demo-valkey-headless")]["spec"]["clusterIP"] == "None"
+    assert objs[("StatefulSet", "demo-valkey")]["spec"]["serviceName"] == "demo-valkey-headless"
+
+
+def test_valkey_evicts_with_allkeys_lru_under_maxmemory() -> None:
+    conf = valkey.valkey_conf(
+        parse({"model": "m", "valkey": {"enabled": True, "maxMemory": "2Gi"}})
+    )
+    assert "maxmemory 2147483648" in conf
+    assert "maxmemory-policy allkeys-lru" in conf
+
+
+def test_valkey_password_secret_and_wiring() -> None:
+    objs = rendered({"valkey": {"enabled": True}}, password="s3cret")
+    secret = objs[("Secret", "demo-valkey-auth")]
+    assert base64.b64decode(secret["data"]["password"]) == b"s3cret"
+    ref = {"secretKeyRef": {"name": "demo-valkey-auth", "key": "password"}}
+    assert env_of(container({"valkey": {"enabled": True}}))["LMCACHE_REMOTE_PASSWORD"] == ref
+    server = objs[("StatefulSet", "demo-valkey")]["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(server)["VALKEY_PASSWORD"] == ref
+    # The password never appears on a command line or in a ConfigMap.
+    assert "s3cret" not in json.dumps(server)
+    assert (
+        "include /run/valkey/auth.conf"
+        in objs[("ConfigMap", "demo-valkey-config")]["data"]["valkey.conf"]
+    )
+
+
+def test_valkey_existing_secret_and_no_auth() -> None:
+    objs = rendered(
+        {"valkey": {"enabled": True, "auth": {"existingSecret": "mine"}}}, password=None
+    )
+    assert ("Secret", "demo-valkey-auth") not in objs
+    env = env_of(container({"valkey": {"enabled": True, "auth": {"existingSecret": "mine"}}}))
+    assert env["LMCACHE_REMOTE_PASSWORD"]["secretKeyRef"]["name"] == "mine"
+    open_spec = {"valkey": {"enabled": True, "auth": {"enabled": False}}}
+    assert "LMCACHE_REMOTE_PASSWORD" not in env_of(container(open_spec))
+    server = rendered(open_spec, None)[("StatefulSet", "demo-valkey")]
+    assert server["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "valkey-server",
+        "/etc/valkey/valkey.conf",
+    ]
+
+
+def test_valkey_memory_headroom_and_persistence() -> None:
+    spec = parse({"model": "m", "valkey": {"enabled": True, "maxMemory": "4Gi"}})
+    assert valkey.memory_limit(spec) == "5376Mi"  # 4Gi × 1.25 + 256Mi
+    persisted = {
+        "valkey": {
+            "enabled": True,
+            "maxMemory": "4Gi",
+            "persistence": {"enabled": True, "size": "20Gi", "storageClassName": "ssd"},
+        }
+    }
+    assert valkey.memory_limit(parse({"model": "m", **persisted})) == "8448Mi"  # ×2 + 256Mi
+    sts = rendered(persisted)[("StatefulSet", "demo-valkey")]["spec"]
+    claim = sts["volumeClaimTemplates"][0]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert claim["spec"]["storageClassName"] == "ssd"
+    assert sts["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Delete"
+    explicit = parse({"model": "m", "valkey": {"enabled": True, "resources": {"memory": "6Gi"}}})
+    assert valkey.memory_limit(explicit) == "6Gi"
+
+
+def test_network_policy_admits_only_this_deployments_vllm_pods() -> None:
+    np = rendered({"valkey": {"enabled": True}})[("NetworkPolicy", "demo-valkey")]["spec"]
+    assert np["podSelector"]["matchLabels"] == {
+        api.LABEL_INSTANCE: "demo",
+        api.LABEL_COMPONENT: "valkey",
+    }
+    assert np["ingress"][0]["from"] == [
+        {"podSelector": {"matchLabels": {api.LABEL_INSTANCE: "demo", api.LABEL_COMPONENT: "vllm"}}}
+    ]
+
+
+def test_every_child_is_owned_and_labelled() -> None:
+    for m in bundle.render(
+        parse({"model": "m", "valkey": {"enabled": True}}), OWNER, "pw"
+    ).manifests:
+        meta = m["metadata"]
+        assert meta["namespace"] == "ml"
+        assert meta["labels"][api.LABEL_MANAGED_BY] == "lmcache-operator"
+        assert meta["labels"][api.LABEL_PART_OF] == "lmcache-kube"
+        ref = meta["ownerReferences"][0]
+        assert (ref["kind"], ref["uid"], ref["controller"]) == (api.KIND, "uid-demo", True)
+
+
+def test_apply_order_puts_config_before_workloads() -> None:
+    kinds = [
+        m["kind"]
+        for m in bundle.render(
+            parse({"model": "m", "valkey": {"enabled": True}}), OWNER, "pw"
+        ).manifests
+    ]
+    assert kinds.index("ConfigMap") < kinds.index("StatefulSet") < kinds.index("Deployment")
+    assert kinds.index("Secret") < kinds.index("StatefulSet")
+
+
+def test_remote_url_for_valkey_uses_the_client_service() -> None:
+    assert engine_config.valkey_host(OWNER) == "demo-valkey.ml.svc"
+    assert vllm.KV_TRANSFER_CONFIG == '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}'

@@ -1,0 +1,160 @@
+"""Parsing with defaults, type errors naming the field, and the checks CEL cannot express."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Any
+
+import pytest
+from lmcache_operator import quantity
+from lmcache_operator.spec import SpecError, parse, problems
+
+
+def check(spec: dict[str, Any]) -> list[str]:
+    return problems(parse({"model": "m", **spec}))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("16Gi", 16 * 2**30),
+        ("500m", Fraction(1, 2)),
+        ("4", 4),
+        ("1.5Gi", 3 * 2**29),
+        ("16G", 16 * 10**9),
+        ("1e3", 1000),
+        (2, 2),
+    ],
+)
+def test_quantity_parse(text: str | int, value: Fraction | int) -> None:
+    assert quantity.parse(text) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [
+        ("1.5Gi", "1536Mi"),
+        ("1024Mi", "1Gi"),
+        ("1000m", "1"),
+        ("0.5", "500m"),
+        ("16G", "16G"),
+        ("1500", "1500"),
+        ("2048Ki", "2Mi"),
+        (4, "4"),
+    ],
+)
+def test_quantity_canonical_matches_the_api_server(text: str | int, canonical: str) -> None:
+    assert quantity.canonical(text) == canonical
+
+
+def test_quantity_rejects_garbage() -> None:
+    with pytest.raises(quantity.QuantityError, match="not a quantity"):
+        quantity.parse("lots")
+
+
+def test_model_required() -> None:
+    with pytest.raises(SpecError, match=r"spec\.model: required"):
+        parse({})
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"replicas": "two"}, "spec.replicas"),
+        ({"replicas": True}, "spec.replicas"),
+        ({"lmcache": {"maxLocalCpuSize": "big"}}, "spec.lmcache.maxLocalCpuSize"),
+        ({"lmcache": {"hugepages": {"enabled": "yes"}}}, "spec.lmcache.hugepages.enabled"),
+        ({"resources": {"memory": "lots"}}, "spec.resources.memory"),
+        ({"valkey": {"maxMemory": "4 gigs"}}, "spec.valkey.maxMemory"),
+    ],
+)
+def test_wrong_types_name_the_field(raw: dict[str, Any], field: str) -> None:
+    with pytest.raises(SpecError, match=field.replace(".", r"\.")):
+        parse({"model": "m", **raw})
+
+
+def test_integer_sizes_are_accepted_as_numbers() -> None:
+    assert (
+        parse({"model": "m", "lmcache": {"maxLocalCpuSize": 5}}).lmcache.max_local_cpu_size == 5.0
+    )
+
+
+def test_gpus_default_to_tensor_parallel_size() -> None:
+    assert parse({"model": "m", "vllm": {"tensorParallelSize": 4}}).gpus_per_pod == 4
+    assert parse({"model": "m", "resources": {"gpus": 8}}).gpus_per_pod == 8
+
+
+def test_a_valid_spec_has_no_problems() -> None:
+    assert (
+        check(
+            {
+                "valkey": {"enabled": True},
+                "vllm": {
+                    "extraArgs": ["--enable-prefix-caching"],
+                    "env": [{"name": "A", "value": "1"}],
+                },
+            }
+        )
+        == []
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (
+            {"lmcache": {"extraConfig": {"chunk_size": 128}}},
+            "spec.lmcache.extraConfig.chunk_size: managed by the operator; set lmcache.chunkSize",
+        ),
+        (
+            {"lmcache": {"extraConfig": {"remote_url": "valkey://x"}}},
+            "spec.lmcache.extraConfig.remote_url: managed by the operator",
+        ),
+        (
+            {"lmcache": {"extraConfig": {"remote_password": "x"}}},
+            "set remote.credentialsSecretRef instead",
+        ),
+        (
+            {"vllm": {"extraArgs": ["--tensor-parallel-size=4"]}},
+            "spec.vllm.extraArgs: --tensor-parallel-size is rendered by the operator",
+        ),
+        (
+            {"vllm": {"extraArgs": ["--kv-transfer-config", "{}"]}},
+            "spec.vllm.extraArgs: --kv-transfer-config is rendered by the operator",
+        ),
+        (
+            {"vllm": {"env": [{"name": "LMCACHE_CHUNK_SIZE", "value": "1"}]}},
+            "spec.vllm.env[0].name: LMCACHE_CHUNK_SIZE is set by the operator",
+        ),
+        (
+            {
+                "hfTokenSecretRef": {"name": "hf"},
+                "vllm": {"env": [{"name": "HF_TOKEN", "value": "x"}]},
+            },
+            "spec.vllm.env[0].name: HF_TOKEN is set by the operator",
+        ),
+        (
+            {"resources": {"gpus": 1}, "vllm": {"tensorParallelSize": 2}},
+            "spec.resources.gpus: 1 GPUs cannot host vllm.tensorParallelSize=2",
+        ),
+        (
+            {"remote": {"url": "memcached://x:1"}},
+            "spec.remote.url: scheme 'memcached' not supported",
+        ),
+        (
+            {"remote": {"url": "redis://user:pw@x:6379"}},
+            "spec.remote.url: must not carry credentials",
+        ),
+        (
+            {"valkey": {"enabled": True, "maxMemory": "8Gi", "resources": {"memory": "8Gi"}}},
+            "spec.valkey.resources.memory: 8Gi must exceed valkey.maxMemory 8Gi",
+        ),
+    ],
+)
+def test_problems_name_the_field_and_the_fix(spec: dict[str, Any], expected: str) -> None:
+    found = check(spec)
+    assert any(expected in p for p in found), found
+
+
+def test_hf_token_env_is_fine_without_a_secret_ref() -> None:
+    assert check({"vllm": {"env": [{"name": "HF_TOKEN", "value": "x"}]}}) == []
