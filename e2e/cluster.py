@@ -61,6 +61,7 @@ class NodeShape:
     hugepages_2mi: str | None
     cpu: str
     memory: str
+    gpu_product: str = ""
 
     def resources(self) -> dict[str, str]:
         res = {"cpu": self.cpu, "memory": self.memory, "pods": "110", "ephemeral-storage": "1Ti"}
@@ -71,15 +72,21 @@ class NodeShape:
         return res
 
 
+H100 = "NVIDIA-H100-80GB-HBM3"  # the product label GPU feature discovery sets; examples select it
 # Several shapes, including a GPU node without hugepages and a CPU-only node, so tests can tell
 # "scheduled because of hugepages" from "scheduled anywhere".
 NODE_SHAPES = [
-    NodeShape("gpu-8x-hp64g", gpus=8, hugepages_2mi="64Gi", cpu="96", memory="1Ti"),
-    NodeShape("gpu-2x-hp8g", gpus=2, hugepages_2mi="8Gi", cpu="32", memory="256Gi"),
-    NodeShape("gpu-4x-nohp", gpus=4, hugepages_2mi=None, cpu="64", memory="512Gi"),
+    NodeShape("gpu-8x-hp64g", 8, "64Gi", cpu="96", memory="1Ti", gpu_product=H100),
+    NodeShape("gpu-2x-hp8g", 2, "8Gi", cpu="32", memory="256Gi", gpu_product="NVIDIA-L4"),
+    NodeShape("gpu-4x-nohp", 4, None, cpu="64", memory="512Gi", gpu_product=H100),
     NodeShape("cpu-only", gpus=0, hugepages_2mi="16Gi", cpu="32", memory="128Gi"),
 ]
 MAX_NODE_HUGEPAGES_GI = 64
+
+# Volumes come from the controller-manager's in-tree hostPath provisioner (paths under /tmp, never
+# written to: no kubelet runs). "standard" is the default class; "local-nvme" is the class the
+# disk-tier example asks for.
+STORAGE_CLASSES = {"standard": True, "local-nvme": False}
 
 
 class ClusterError(RuntimeError):
@@ -446,6 +453,7 @@ def start_components(state: State, pki: Path, timeout: float) -> None:
             f"--service-account-private-key-file={pki / 'sa.key'}",
             f"--root-ca-file={pki / 'ca.crt'}",
             "--use-service-account-credentials=true",
+            "--enable-hostpath-provisioner=true",
             "--kube-api-qps=200",
             "--kube-api-burst=400",
         ],
@@ -508,6 +516,8 @@ def node_manifest(shape: NodeShape) -> dict[str, object]:
     }
     if shape.gpus:
         labels["nvidia.com/gpu.present"] = "true"
+        labels["nvidia.com/gpu.product"] = shape.gpu_product
+        labels["nvidia.com/gpu.count"] = str(shape.gpus)
     res = shape.resources()
     return {
         "apiVersion": "v1",
@@ -517,10 +527,26 @@ def node_manifest(shape: NodeShape) -> dict[str, object]:
     }
 
 
+def storage_class(name: str, default: bool) -> dict[str, object]:
+    annotations = {"storageclass.kubernetes.io/is-default-class": "true"} if default else {}
+    return {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": name, "annotations": annotations},
+        "provisioner": "kubernetes.io/host-path",
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "Immediate",
+    }
+
+
 def create_nodes(timeout: float) -> None:
-    """Create the fake nodes; kwok marks them Ready; then the cluster is usable for pods."""
-    docs = {"apiVersion": "v1", "kind": "List", "items": [node_manifest(s) for s in NODE_SHAPES]}
-    kubectl("create", "-f", "-", input=json.dumps(docs))
+    """Create the fake nodes and storage classes; once kwok marks the nodes Ready, pods can run."""
+    items = [node_manifest(s) for s in NODE_SHAPES] + [
+        storage_class(name, default) for name, default in STORAGE_CLASSES.items()
+    ]
+    kubectl(
+        "create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+    )
 
     def nodes_ready() -> bool:
         out = json.loads(kubectl("get", "nodes", "-o", "json"))

@@ -5,8 +5,8 @@ If these fail, every operator e2e test would fail for reasons that are not the o
 
 from __future__ import annotations
 
-from e2e.cluster import MAX_NODE_HUGEPAGES_GI, NodeShape
-from e2e.kube import Kube, Obj, condition, is_true, wait_for
+from e2e.cluster import ADMIN_USER, MAX_NODE_HUGEPAGES_GI, NodeShape
+from e2e.kube import Cluster, Kube, Obj, audit_events, condition, is_true, wait_for
 
 PAUSE = "registry.k8s.io/pause:3.10"
 
@@ -125,3 +125,44 @@ def test_garbage_collector_deletes_dependents_of_a_deleted_owner(k8s: Kube, name
         ),
         timeout=90,
     )
+
+
+def test_default_storage_class_provisions_and_binds_claims(k8s: Kube, namespace: str) -> None:
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}}},
+    }
+    k8s.create(claim, namespace)
+    bound = wait_for(
+        "PVC data Bound",
+        lambda: (
+            (pvc := k8s.get("v1", "PersistentVolumeClaim", "data", namespace))
+            and pvc["status"].get("phase") == "Bound"
+            and pvc
+        ),
+        timeout=30,
+    )
+    assert bound["spec"]["storageClassName"], "the default StorageClass was applied"
+
+
+def test_audit_log_records_writes_by_user(
+    kube: Cluster, k8s: Kube, namespace: str, fake_nodes: list[NodeShape]
+) -> None:
+    """The operator's idle-write check counts audit events; prove they are there and per user."""
+    audit_log = kube.audit_log
+    assert audit_log is not None
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "probe"}}
+    k8s.create(config_map, namespace)
+
+    def created() -> list[str]:
+        return [
+            e["objectRef"]["name"]
+            for e in audit_events(audit_log, ADMIN_USER)
+            if e["verb"] == "create"
+            and e["objectRef"].get("namespace") == namespace
+            and e["objectRef"]["resource"] == "configmaps"
+        ]
+
+    assert wait_for("the audit event of the create", created, timeout=10) == ["probe"]

@@ -1,0 +1,163 @@
+"""Run the operator as a local process exactly as the chart runs it in-cluster.
+
+kwok runs no containers, so the chart's operator pod is only a scheduled, "Running" shell. The real
+process runs here instead, built from what the cluster says about that pod: the container's args
+and env (with `$(VAR)` and `fieldRef` resolved the way the kubelet would), and the identity of its
+ServiceAccount (a token from the TokenRequest API), so the chart's RBAC is what is exercised.
+Only the listen ports are moved to free ones, so parallel runs do not collide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from e2e.cluster import E2E_DIR, free_port
+from e2e.kube import Cluster, Kube, wait_for
+
+VENV_BIN = Path(sys.executable).parent
+ENTRYPOINT = "lmcache-operator"  # images/operator/Dockerfile's ENTRYPOINT
+PORT_FLAGS = ("--metrics-port", "--health-port")
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' `$(VAR)` expansion in args/env: known names are replaced, `$$` escapes."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, value)
+
+
+class OperatorProcess:
+    """The operator of a Helm release, run locally with the release's pod spec and identity."""
+
+    def __init__(self, kube: Cluster, namespace: str, deployment: str) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.deployment = deployment
+        self.log_path = E2E_DIR / f"operator-{namespace}.log"
+        self.kubeconfig = E2E_DIR / f"operator-{namespace}.kubeconfig"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.health_port = 0
+        self.metrics_port = 0
+        self.service_account = ""
+
+    @property
+    def username(self) -> str:
+        """Who the API server sees: what audit events are filtered by."""
+        return f"system:serviceaccount:{self.namespace}:{self.service_account}"
+
+    def _pod_spec(self) -> dict[str, Any]:
+        d = Kube(self.kube.kubeconfig).get("apps/v1", "Deployment", self.deployment, self.namespace)
+        if d is None:
+            raise AssertionError(f"Deployment {self.namespace}/{self.deployment} not found")
+        return dict(d["spec"]["template"]["spec"])
+
+    def command(self, pod_name: str) -> tuple[list[str], dict[str, str]]:
+        """argv and environment of the operator container, resolved as the kubelet would."""
+        spec = self._pod_spec()
+        self.service_account = spec.get("serviceAccountName") or "default"
+        container = spec["containers"][0]
+        env: dict[str, str] = {}
+        field_refs = {"metadata.name": pod_name, "metadata.namespace": self.namespace}
+        for var in container.get("env") or []:
+            if "value" in var:
+                env[var["name"]] = expand(var["value"], env)
+            elif "fieldRef" in (var.get("valueFrom") or {}):
+                env[var["name"]] = field_refs[var["valueFrom"]["fieldRef"]["fieldPath"]]
+            else:
+                raise AssertionError(f"operator env {var['name']}: unsupported source {var}")
+        command = container.get("command") or [ENTRYPOINT]
+        args = [expand(a, env) for a in (container.get("args") or [])]
+        argv = [str(VENV_BIN / command[0]), *command[1:], *args]
+        self.health_port, self.metrics_port = free_port(), free_port()
+        ports = {"--health-port": self.health_port, "--metrics-port": self.metrics_port}
+        argv = [a for a in argv if a.split("=", 1)[0] not in PORT_FLAGS]
+        argv += [f"{flag}={port}" for flag, port in ports.items()]
+        return argv, env
+
+    def _write_kubeconfig(self) -> None:
+        """The ServiceAccount's identity: a bound token, as the in-cluster pod would mount."""
+        token = self.kube.kubectl(
+            "create", "token", self.service_account, "-n", self.namespace, "--duration=2h"
+        ).strip()
+        raw = json.loads(self.kube.kubectl("config", "view", "--raw", "--minify", "-o", "json"))
+        cluster = raw["clusters"][0]["cluster"]
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "c", "cluster": cluster}],
+            "users": [{"name": "sa", "user": {"token": token}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "sa"}}],
+            "current-context": "c",
+        }
+        self.kubeconfig.write_text(json.dumps(config))
+
+    def start(self, timeout: float = 60.0) -> None:
+        pod_name = f"{self.deployment}-local-{os.getpid()}"
+        argv, env = self.command(pod_name)
+        self._write_kubeconfig()
+        full_env = {**os.environ, **env, "KUBECONFIG": str(self.kubeconfig)}
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n--- start {' '.join(argv)}\n".encode())
+            self.proc = subprocess.Popen(
+                argv, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        wait_for("the operator's /healthz", self._healthy, timeout)
+
+    def _healthy(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise AssertionError(f"operator exited; log tail:\n{self.log_tail()}")
+        url = f"http://127.0.0.1:{self.health_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as when a node dies mid-reconcile."""
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, as the kubelet does; SIGKILL after the grace period."""
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.proc = None
+
+    def peak_rss_bytes(self) -> int:
+        """The kernel's high-water mark of the process's resident memory (VmHWM)."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM in /proc status")
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
