@@ -33,13 +33,12 @@ def create_remote_backend(
         raise ConfigError("remote_url: not set; allowed: valkey://host:port[/db] and friends")
     source = config.source_of("remote_url")
     target = parse_remote_url(config.remote_url, source=str(source))
-    settings = RemoteSettings.from_config(config)
-    slot_bytes = config.chunk_size * spec.bytes_per_token
-    if settings.queue_bytes < slot_bytes:
+    settings = RemoteSettings.from_config(config, spec)
+    if settings.queue_bytes < settings.slot_bytes:
         raise ConfigError(
             f"remote_write_queue_size: {config.remote_write_queue_size:g} GB "
             f"({config.source_of('remote_write_queue_size')}) holds no chunk of this model; "
-            f"allowed: at least {slot_bytes / GB:.4f} GB"
+            f"allowed: at least {settings.slot_bytes / GB:.4f} GB"
         )
     client = RemoteClient(target, settings.timeout_s, MAX_CONNECTIONS)
     try:

@@ -29,6 +29,9 @@ logger = logging.getLogger("lmcache")
 TIER = "remote"
 _BATCH_BYTES = 256 << 20
 """Most bytes pipelined in one write round trip (bounds one batch's time under the deadline)."""
+LOAD_FLOOR_BYTES_PER_S = 200e6
+"""A load may take one timeout plus its chunks' bytes at this rate (0.17 s per 32 MiB chunk):
+a server slower than that counts as failing. Lookups, which come first, get only the timeout."""
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,14 @@ class RemoteSettings:
     breaker_failures: int
     breaker_backoff_s: float
     max_tokens: int
+    slot_bytes: int
+
+    def load_budget_s(self, chunks: int) -> float:
+        """Deadline of a load: first byte within the timeout, then a floor on throughput."""
+        return self.timeout_s + chunks * self.slot_bytes / LOAD_FLOOR_BYTES_PER_S
 
     @classmethod
-    def from_config(cls, config: LMCacheEngineConfig) -> RemoteSettings:
+    def from_config(cls, config: LMCacheEngineConfig, spec: KVSpec) -> RemoteSettings:
         return cls(
             timeout_s=config.remote_timeout_ms / 1000,
             write_timeout_s=config.remote_write_timeout_ms / 1000,
@@ -53,6 +61,7 @@ class RemoteSettings:
             breaker_failures=config.remote_breaker_failures,
             breaker_backoff_s=config.remote_breaker_backoff_s,
             max_tokens=config.chunk_size,
+            slot_bytes=config.chunk_size * spec.bytes_per_token,
         )
 
 
@@ -127,8 +136,7 @@ class RemoteBackend(StorageBackend):
             filled.append(buffers[i].nbytes)
             return True
 
-        # A load moves whole chunks, so its deadline grows with their number.
-        deadline = start + self._settings.timeout_s * len(keys)
+        deadline = start + self._settings.load_budget_s(len(keys))
         try:
             self._client.get_each(keys, deadline, consume)
         except serde.CorruptValue:

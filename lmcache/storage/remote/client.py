@@ -5,7 +5,8 @@ connect timeouts). Its reply parser, though, buffers a 32 MiB bulk string throug
 and copies it twice (~80 ms per GET here, slower when pipelined), so replies are read here
 instead: bulk values are ``recv_into`` the caller's destination (a pool slot) and values are
 sent as ``memoryview``s of the slot, so KV bytes are never copied in Python. Every operation
-has an absolute deadline, enforced on each socket wait.
+has an absolute deadline, enforced on every socket wait. (No separate silence limit: the server
+builds all replies of a pipeline before sending the first byte, ~10 ms per 32 MiB value here.)
 """
 
 from __future__ import annotations
