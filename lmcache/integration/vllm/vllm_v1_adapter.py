@@ -1,0 +1,110 @@
+"""The class vLLM's built-in ``LMCacheConnectorV1`` loads: ``LMCacheConnectorV1Impl``.
+
+vLLM constructs it as ``cls(vllm_config, role, parent)`` in the scheduler and in every worker
+and forwards its connector calls to it; scheduler calls go to :class:`SchedulerConnector`,
+worker calls to :class:`WorkerConnector`. ``parent`` holds the metadata vLLM binds per step.
+"""
+
+from __future__ import annotations
+
+import atexit
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata
+from lmcache.integration.vllm.scheduler import SchedulerConnector
+from lmcache.integration.vllm.worker import WorkerConnector
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+
+class LMCacheConnectorV1Impl:
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, parent: KVConnectorBase_V1
+    ) -> None:
+        self._parent = parent
+        self._scheduler: SchedulerConnector | None = None
+        self._worker: WorkerConnector | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = SchedulerConnector(vllm_config)
+        else:
+            self._worker = WorkerConnector(vllm_config)
+        atexit.register(self.shutdown)
+
+    @property
+    def scheduler(self) -> SchedulerConnector:
+        if self._scheduler is None:
+            raise RuntimeError("scheduler-side call on a worker-side LMCache connector")
+        return self._scheduler
+
+    @property
+    def worker(self) -> WorkerConnector:
+        if self._worker is None:
+            raise RuntimeError("worker-side call on a scheduler-side LMCache connector")
+        return self._worker
+
+    def _metadata(self) -> LMCacheConnectorMetadata:
+        meta = self._parent._get_connector_metadata()
+        if not isinstance(meta, LMCacheConnectorMetadata):
+            raise TypeError(f"expected LMCacheConnectorMetadata, got {type(meta).__name__}")
+        return meta
+
+    # -- scheduler side ----------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, num_external_tokens: int) -> None:
+        self.scheduler.update_state_after_alloc(request, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LMCacheConnectorMetadata:
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler.request_finished(request, block_ids)
+
+    # -- worker side -------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self.worker.start_load(self._metadata())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self.worker.wait_for_layer_load(layer_name)
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        """Stores happen once per step in :meth:`wait_for_save`, for all layers at once."""
+
+    def wait_for_save(self) -> None:
+        self.worker.wait_for_save(self._metadata())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Loads and stores complete within their step: nothing finishes asynchronously."""
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.get_block_ids_with_load_errors()
+
+    def get_kv_events(self) -> list[Any]:
+        """vLLM's wrapper asks for KV-cache events each step; this engine emits none."""
+        return []
+
+    def shutdown(self) -> None:
+        atexit.unregister(self.shutdown)
+        if self._worker is not None:
+            self._worker.close()
+        if self._scheduler is not None:
+            self._scheduler.close()

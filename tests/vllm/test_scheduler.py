@@ -1,0 +1,182 @@
+"""vLLM's own ``Scheduler`` driving our engine through vLLM's built-in ``LMCacheConnectorV1``.
+
+Every scenario ends by checking the KV in the paged cache slot for slot against what the
+model computes, so a load that put wrong KV anywhere would fail here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmcache.integration.vllm.paged import PagedLayout
+from tests.vllm.conftest import BLOCK, CHUNK, HEAD_SIZE, HEADS, LAYERS, Rig, RigFactory
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    return [100 + (seed * 7919 + i * 13) % 30000 for i in range(n)]
+
+
+def serve_then_evict(rig: Rig, req_id: str, tokens: list[int]) -> None:
+    """Run a request to completion (storing its KV), then drop it from vLLM's cache."""
+    rig.add(req_id, tokens)
+    rig.run()
+    rig.evict_gpu()
+
+
+def lookup_line(req: str, total: int, hit: int, need: int) -> str:
+    return f"Reqid: {req}, Total tokens {total}, LMCache hit tokens: {hit}, need to load: {need}"
+
+
+def store_line(req: str, stored: int, total: int) -> str:
+    return f"Storing KV cache for {stored} out of {total} tokens for request {req}"
+
+
+@pytest.mark.parametrize("layout", list(PagedLayout))
+def test_first_request_stores_second_loads(
+    rig_factory: RigFactory, lmcache_log: list[str], layout: PagedLayout
+) -> None:
+    rig: Rig = rig_factory(layout=layout)
+    tokens = prompt(150)
+    serve_then_evict(rig, "r1", tokens)
+    rig.add("r2", tokens)
+    first = rig.step()
+    rig.run()
+
+    assert lookup_line("r1", 150, 0, 0) in lmcache_log
+    # chunked prefill (64 tokens a step): full chunks as they complete, the tail at the end
+    assert [store_line("r1", 64, 64), store_line("r1", 64, 128), store_line("r1", 22, 150)] == [
+        m for m in lmcache_log if "request r1" in m
+    ]
+    assert lookup_line("r2", 150, 150, 149) in lmcache_log
+    assert store_line("r2", 0, 150) in lmcache_log
+    assert first.scheduled_new_reqs[0].num_computed_tokens == 149
+    assert first.num_scheduled_tokens["r2"] == 1
+    rig.check("r2", 0, 150)
+    assert rig.load_errors == [set()] * len(rig.load_errors)
+
+
+def test_partial_prefix_hit_loads_shared_chunks_and_stores_the_rest(
+    rig_factory: RigFactory, lmcache_log: list[str]
+) -> None:
+    rig: Rig = rig_factory()
+    shared = prompt(100)
+    serve_then_evict(rig, "r1", [*shared, *prompt(50, seed=1)])
+    rig.add("r2", [*shared, *prompt(60, seed=2)])
+    rig.run()
+
+    hit = 100 // CHUNK * CHUNK
+    assert lookup_line("r2", 160, hit, hit) in lmcache_log
+    assert store_line("r2", 160 - hit, 160) in lmcache_log
+    rig.check("r2", 0, 160)
+
+
+def test_two_requests_sharing_a_prefix_in_one_batch(
+    rig_factory: RigFactory, lmcache_log: list[str]
+) -> None:
+    rig: Rig = rig_factory(max_num_batched_tokens=512)
+    shared = prompt(100)
+    rig.add("r1", [*shared, *prompt(30, seed=1)])
+    rig.add("r2", [*shared, *prompt(30, seed=2)])
+    step = rig.step()
+    assert set(step.num_scheduled_tokens) == {"r1", "r2"}
+    rig.run()
+
+    assert lookup_line("r1", 130, 0, 0) in lmcache_log
+    assert lookup_line("r2", 130, 0, 0) in lmcache_log
+    common = 100 // CHUNK * CHUNK
+    assert store_line("r1", 130, 130) in lmcache_log
+    assert store_line("r2", 130 - common, 130) in lmcache_log  # shared chunks stored once
+
+    rig.evict_gpu()
+    rig.add("r3", [*shared, *prompt(30, seed=2)])
+    rig.run()
+    assert lookup_line("r3", 130, 130, 129) in lmcache_log
+    rig.check("r3", 0, 130)
+
+
+def test_vllm_prefix_cache_hit_larger_than_ours(
+    rig_factory: RigFactory, lmcache_log: list[str]
+) -> None:
+    rig: Rig = rig_factory({"lmcache.chunk_size": 64, "lmcache.save_unfull_chunk": False})
+    tokens = prompt(100)
+    rig.add("r1", tokens)
+    rig.run()
+    rig.add("r2", tokens)  # vLLM still holds 96 tokens in its prefix cache; we hold 64
+    first = rig.step()
+    rig.run()
+
+    assert [store_line("r1", 64, 64), store_line("r1", 0, 100)] == [
+        m for m in lmcache_log if "request r1" in m
+    ]
+    assert lookup_line("r2", 100, 64, 0) in lmcache_log
+    assert first.scheduled_new_reqs[0].num_computed_tokens == 6 * BLOCK
+    assert store_line("r2", 0, 100) in lmcache_log
+    rig.check("r2", 0, 100)
+
+
+def pinned_refs(rig: Rig, tokens: list[int]) -> list[int]:
+    """The reference count of each cached chunk of ``tokens`` (1 = only the cache holds it)."""
+    storage = rig.shared.engine.storage
+    buffers = storage.pin_cpu_prefix([c.key for c in rig.shared.engine.chunks(tokens)])
+    refs = [b.refs - 1 for b in buffers]
+    for buffer in buffers:
+        storage.release(buffer)
+    return refs
+
+
+def test_abort_mid_load_releases_pins(rig_factory: RigFactory, lmcache_log: list[str]) -> None:
+    rig: Rig = rig_factory()
+    tokens = prompt(150)
+    serve_then_evict(rig, "r1", tokens)
+    rig.add("r2", tokens)
+    output = rig.schedule()
+    assert lookup_line("r2", 150, 150, 149) in lmcache_log
+    assert len(rig.shared.pins) == 5  # pinned from scheduling until the worker loads them
+    assert pinned_refs(rig, tokens) == [2] * 5
+
+    rig.abort("r2")
+    assert len(rig.shared.pins) == 0
+    assert pinned_refs(rig, tokens) == [1] * 5
+
+    rig.scheduler.update_from_output(output, rig.execute(output))  # the step was already sent
+    rig.run()
+    assert pinned_refs(rig, tokens) == [1] * 5
+    assert "r2" not in rig.scheduler.requests
+
+
+def test_failed_load_reports_blocks_and_vllm_recomputes(
+    rig_factory: RigFactory, lmcache_log: list[str]
+) -> None:
+    chunk_bytes = CHUNK * LAYERS * 2 * HEADS * HEAD_SIZE * 4
+    rig: Rig = rig_factory({"lmcache.max_local_cpu_size": 6 * chunk_bytes / (1 << 30)})
+    tokens = prompt(150)
+    serve_then_evict(rig, "r1", tokens)
+    rig.add("r2", tokens)
+    output = rig.schedule()
+    assert output.scheduled_new_reqs[0].num_computed_tokens == 149
+
+    # As on a TP rank whose cache lost the chunks after the lookup: unpinned, then evicted.
+    rig.shared.pins.drop("r2")
+    other = prompt(6 * CHUNK, seed=9)
+    engine = rig.shared.engine
+    engine.store(other, torch.zeros(engine.spec.shape(len(other))))
+    assert engine.lookup(tokens) == 0
+
+    rig.scheduler.update_from_output(output, rig.execute(output))
+    assert rig.load_errors[-1] == set(rig.blocks["r2"][: -(-149 // BLOCK)])
+    assert rig.scheduler.requests["r2"].num_computed_tokens == 0
+    rig.run()
+    rig.check("r2", 0, 150)
+
+
+def test_module_path_connector(rig_factory: RigFactory, lmcache_log: list[str]) -> None:
+    rig: Rig = rig_factory(
+        connector="LMCacheKubeConnectorV1", module_path="lmcache.integration.vllm.connector"
+    )
+    tokens = prompt(90)
+    serve_then_evict(rig, "r1", tokens)
+    rig.add("r2", tokens)
+    rig.run()
+    assert lookup_line("r2", 90, 90, 89) in lmcache_log
+    rig.check("r2", 0, 90)
