@@ -26,7 +26,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
     async def stop(**_: Any) -> None:
         await controller.stop()
 
-    @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
+    @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, id="watch-owner", registry=registry)
     async def owner_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         controller.observe_owner(event.get("type"), body)
 

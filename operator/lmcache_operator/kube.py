@@ -160,16 +160,14 @@ class KubeCluster:
         content_type: str = "application/json",
     ) -> Body:
         headers = {"Accept": "application/json"}
-        payload = None
         if body is not None:
-            headers["Content-Type"] = content_type
-            payload = json.dumps(body)
+            headers["Content-Type"] = content_type  # the client JSON-encodes dicts for all three
         m, url, hdrs, data, _ = self.api.param_serialize(
             method,
             url_path,
             query_params=list(query),
             header_params=headers,
-            body=payload,
+            body=body,
             auth_settings=["BearerToken"],
         )
         resp = self.api.call_api(m, url, header_params=hdrs, body=data)
