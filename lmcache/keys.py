@@ -1,8 +1,9 @@
 """Chunk keys: a chained hash over the whole token prefix.
 
 Keys must be identical across processes, hosts and restarts so that another pod, a restarted
-pod or Valkey can hit: Python's seeded ``hash()`` is never used. Each chunk's digest covers the
-previous chunk's digest, so a key names the entire prefix up to that chunk's end.
+pod or Valkey can hit: Python's seeded ``hash()`` is never used. Each chunk's digest is the
+xxh3-128 of every token from the start of the prompt to that chunk's end, so a key names the
+entire prefix.
 """
 
 from __future__ import annotations
@@ -55,14 +56,16 @@ class KeyScheme:
         num_tokens = len(data) // 4
         step = self.chunk_size
         limit = num_tokens if include_partial else num_tokens - num_tokens % step
-        digest = b""
+        # One streaming xxh3-128 state over the whole prompt: the digest after each chunk
+        # hashes the entire prefix, in O(n) total and without copying any chunk.
+        state = xxhash.xxh3_128()
+        view = memoryview(data)
         prefix = self.prefix
-        hash128 = xxhash.xxh3_128_digest
         out: list[ChunkRange] = []
         for start in range(0, limit, step):
             end = min(start + step, limit)
-            digest = hash128(digest + data[start * 4 : end * 4])
-            out.append(ChunkRange(start, end, prefix + digest.hex()))
+            state.update(view[start * 4 : end * 4])
+            out.append(ChunkRange(start, end, prefix + state.hexdigest()))
         return out
 
 
