@@ -30,6 +30,7 @@ from vllm.config import (
     DeviceConfig,
     KVTransferConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     VllmConfig,
 )
@@ -91,6 +92,7 @@ def make_vllm_config(
     max_num_batched_tokens: int = 64,
     connector: str = "LMCacheConnectorV1",
     module_path: str | None = None,
+    executor_backend: str | None = None,
 ) -> VllmConfig:
     model = ModelConfig(model=str(model_dir), dtype="float16", seed=0, skip_tokenizer_init=True)
     return VllmConfig(
@@ -116,6 +118,7 @@ def make_vllm_config(
             },
         ),
         device_config=DeviceConfig("cpu"),
+        parallel_config=ParallelConfig(distributed_executor_backend=executor_backend),
     )
 
 

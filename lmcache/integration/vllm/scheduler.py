@@ -104,18 +104,17 @@ class SchedulerConnector:
             self._add_op(meta, new.req_id, tracker, end)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
-            cached_tracker = self._trackers.get(req_id)
-            if cached_tracker is None:
+            running = self._trackers.get(req_id)
+            if running is None:
                 continue
-            tracker = cached_tracker
             new_blocks = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
-                tracker.block_ids = list(new_blocks[0]) if new_blocks else []
-                tracker.stored_end = max(tracker.stored_end, self._hits.pop(req_id, 0))
+            if req_id in cached.resumed_req_ids:  # preempted earlier: all its blocks are new
+                running.block_ids = list(new_blocks[0]) if new_blocks else []
+                running.stored_end = max(running.stored_end, self._hits.pop(req_id, 0))
             elif new_blocks:
-                tracker.block_ids.extend(new_blocks[0])
+                running.block_ids.extend(new_blocks[0])
             end = cached.num_computed_tokens[i] + scheduled[req_id]
-            self._add_op(meta, req_id, tracker, end)
+            self._add_op(meta, req_id, running, end)
         return meta
 
     def _add_op(

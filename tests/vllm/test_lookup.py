@@ -1,0 +1,63 @@
+"""The lookup socket a scheduler uses when the engines live in worker processes (TP > 1)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+from lmcache import KVSpec, LMCacheEngine, LMCacheEngineConfig
+from lmcache.integration.vllm import lookup
+from lmcache.integration.vllm.lookup import LookupClient, LookupServer
+from lmcache.integration.vllm.shared import withdraw
+from tests.vllm.conftest import Rig, RigFactory
+from tests.vllm.test_scheduler import lookup_line, prompt, serve_then_evict
+
+SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_size=8, dtype=torch.float32)
+
+
+def test_client_gets_the_engines_answer() -> None:
+    config = LMCacheEngineConfig.from_mapping({"chunk_size": 16, "max_local_cpu_size": 0.01})
+    instance = str(uuid.uuid4())
+    with LMCacheEngine(config, SPEC, "lookup-test") as engine:
+        tokens = list(range(40))
+        engine.store(tokens, torch.ones(SPEC.shape(40)))
+        server = LookupServer(engine, instance)
+        client = LookupClient(instance)
+        try:
+            assert client.lookup(tokens) == 40
+            assert client.lookup([*tokens[:20], 9, 9, 9]) == 16
+            assert client.lookup(list(range(1000, 1010))) == 0
+        finally:
+            client.close()
+            server.close()
+
+
+def test_no_server_is_a_miss_after_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lookup, "LOOKUP_TIMEOUT_MS", 200)
+    client = LookupClient(str(uuid.uuid4()))
+    try:
+        assert client.lookup([1, 2, 3]) == 0
+        assert client.lookup([1, 2, 3]) == 0  # the socket was reset and still works
+    finally:
+        client.close()
+
+
+def test_scheduler_in_another_process_asks_rank_0(
+    rig_factory: RigFactory, lmcache_log: list[str]
+) -> None:
+    rig: Rig = rig_factory(executor_backend="mp")
+    transfer = rig.scheduler.vllm_config.kv_transfer_config
+    assert transfer is not None
+    shared = rig.shared
+    withdraw(str(transfer.engine_id), 0)  # as if the worker were another process
+    tokens = prompt(120)
+    serve_then_evict(rig, "r1", tokens)
+    rig.add("r2", tokens)
+    output = rig.schedule()
+    assert len(shared.pins) == 0  # no pins across processes: a lost chunk is a load error
+    rig.scheduler.update_from_output(output, rig.execute(output))
+    rig.run()
+    assert lookup_line("r2", 120, 120, 119) in lmcache_log
+    rig.check("r2", 0, 120)
