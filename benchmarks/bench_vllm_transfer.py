@@ -1,0 +1,147 @@
+"""Store and load of one request between vLLM's paged KV cache and the engine's pinned pool.
+
+A Llama-3.1-8B-shaped request (32 layers, 8 KV heads, head 128, bf16; 16k tokens = 2 GiB) sits
+in a FlashAttention/FlashInfer-layout paged cache (``[num_blocks, 2, 16, 8, 128]`` per layer)
+in shuffled blocks, as after a while of serving. Measured in the same run:
+
+* the limit: a raw copy of the same bytes between one pinned host tensor and one device tensor
+  (each direction), i.e. what the link gives a single large DMA (about 55 GB/s on an H200);
+* store: the connector's path (gather by slot id on a side stream, non-blocking copy into
+  pinned pool slots, chunk by chunk) for a prompt not cached yet;
+* load: the connector's path back (pinned chunks -> device, scatter by slot id, layer by
+  layer), after wiping the paged cache.
+
+Ratios are transfer / raw (1.0 = at the limit). On a machine without CUDA it runs on CPU
+tensors (a smoke test; figures then compare against a CPU memcpy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lmcache import KVSpec, LMCacheEngine, LMCacheEngineConfig
+from lmcache.integration.vllm.paged import LoadJob, PagedKVCache, PagedTransfer
+
+LLAMA_8B = KVSpec(num_layers=32, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
+BLOCK = 16
+GIB = 1 << 30
+
+
+def timed(fn: Callable[[], object], repeat: int, sync: Callable[[], None]) -> float:
+    """Median wall time of ``fn`` (completed on the device) over ``repeat`` runs."""
+    fn()
+    sync()
+    samples = []
+    for _ in range(repeat):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def raw_copy(
+    nbytes: int, device: torch.device, repeat: int, sync: Callable[[], None]
+) -> tuple[float, float]:
+    """Seconds for one pinned host <-> device copy of ``nbytes`` (h2d, d2h): the limit."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    h2d = timed(lambda: dev.copy_(host, non_blocking=True), repeat, sync)
+    d2h = timed(lambda: host.copy_(dev, non_blocking=True), repeat, sync)
+    return h2d, d2h
+
+
+def paged_cache(num_tokens: int, device: torch.device) -> tuple[PagedKVCache, torch.Tensor]:
+    """A paged cache with room for the request plus 10%, and the request's shuffled slots."""
+    spec = LLAMA_8B
+    num_blocks = num_tokens // BLOCK * 11 // 10 + 1
+    layers = [
+        torch.randn(num_blocks, 2, BLOCK, spec.num_kv_heads, spec.head_size, device=device).to(
+            spec.dtype
+        )
+        for _ in range(spec.num_layers)
+    ]
+    blocks = torch.randperm(num_blocks)[: -(-num_tokens // BLOCK)]
+    slots = (blocks[:, None] * BLOCK + torch.arange(BLOCK)[None, :]).flatten()[:num_tokens]
+    return PagedKVCache(layers), slots
+
+
+def run(num_tokens: int, chunk_size: int, repeat: int) -> dict[str, object]:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    nbytes = num_tokens * LLAMA_8B.bytes_per_token
+
+    raw_h2d, raw_d2h = raw_copy(nbytes, device, repeat, sync)
+    cache, slots = paged_cache(num_tokens, device)
+    transfer = PagedTransfer(cache)
+    pool_bytes = 2 * nbytes + chunk_size * LLAMA_8B.bytes_per_token
+    config = LMCacheEngineConfig.from_mapping(
+        {"chunk_size": chunk_size, "max_local_cpu_size": pool_bytes / GIB}
+    )
+    prompts = iter(range(1_000_000))
+    tokens: list[int] = []
+
+    with LMCacheEngine(config, cache.spec, model_name="llama-3.1-8b") as engine:
+
+        def store_new_prompt() -> None:
+            offset = next(prompts) * num_tokens
+            tokens[:] = range(offset, offset + num_tokens)
+            transfer.begin_store()
+            stored = engine.store_chunks(
+                tokens, lambda c, dst: transfer.gather(slots[c.start : c.end], dst)
+            )
+            assert stored == num_tokens
+
+        def load_prompt() -> None:
+            with engine.retrieve_chunks(tokens) as views:
+                jobs = [LoadJob(kv, 0, c.num_tokens, slots[c.start : c.end]) for c, kv in views]
+                assert sum(j.hi - j.lo for j in jobs) == num_tokens
+                transfer.start_load(jobs, layerwise=False)
+                transfer.finish_load()
+
+        store = timed(store_new_prompt, repeat, sync)
+        for layer in cache.layers:
+            layer.zero_()
+        load = timed(load_prompt, repeat, sync)
+
+    return {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "tokens": num_tokens,
+        "chunk_size": chunk_size,
+        "bytes": nbytes,
+        "raw_h2d_gbps": nbytes / raw_h2d / 1e9,
+        "raw_d2h_gbps": nbytes / raw_d2h / 1e9,
+        "store_s": store,
+        "store_gbps": nbytes / store / 1e9,
+        "store_vs_raw_d2h": raw_d2h / store,
+        "load_s": load,
+        "load_gbps": nbytes / load / 1e9,
+        "load_vs_raw_h2d": raw_h2d / load,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(".bench/vllm_transfer.json"))
+    args = parser.parse_args()
+    result = run(args.tokens, args.chunk_size, args.repeat)
+    for key, value in result.items():
+        print(f"{key:>18}: {value:.3f}" if isinstance(value, float) else f"{key:>18}: {value}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
