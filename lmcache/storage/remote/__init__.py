@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from lmcache.config import GB, ConfigError, LMCacheEngineConfig
 from lmcache.metrics import EngineMetrics
@@ -42,7 +41,7 @@ def create_remote_backend(
         )
     client = RemoteClient(target, settings.timeout_s, MAX_CONNECTIONS)
     try:
-        client.ping(time.monotonic() + settings.timeout_s)
+        client.ping(settings.timeout_s)
     except RemoteAuthError as err:
         client.close()
         raise ConfigError(

@@ -110,7 +110,7 @@ class RemoteBackend(StorageBackend):
             return 0
         start = time.monotonic()
         try:
-            found = self._client.exists(keys, start + self._settings.timeout_s)
+            found = self._client.exists(keys, self._settings.timeout_s)
         except RemoteError as err:
             self._failed("lookup", err)
             return 0
@@ -136,9 +136,8 @@ class RemoteBackend(StorageBackend):
             filled.append(buffers[i].nbytes)
             return True
 
-        deadline = start + self._settings.load_budget_s(len(keys))
         try:
-            self._client.get_each(keys, deadline, consume)
+            self._client.get_each(keys, self._settings.load_budget_s(len(keys)), consume)
         except serde.CorruptValue:
             pass
         except RemoteError as err:
@@ -178,7 +177,7 @@ class RemoteBackend(StorageBackend):
             "remote value for key %s refused (%s); treated as a miss and deleted", key, err
         )
         try:
-            self._client.delete(key, time.monotonic() + self._settings.timeout_s)
+            self._client.delete(key, self._settings.timeout_s)
         except RemoteError as del_err:
             self._failed("delete", del_err)
 
@@ -251,7 +250,7 @@ class RemoteBackend(StorageBackend):
         if not self._breaker.allow():
             return
         try:
-            self._client.ping(time.monotonic() + self._settings.timeout_s)
+            self._client.ping(self._settings.timeout_s)
         except RemoteError as err:
             self._failed("probe", err)
             return
@@ -266,7 +265,7 @@ class RemoteBackend(StorageBackend):
             items = [self._item(p) for p in batch]
             try:
                 errors = self._client.set_many(
-                    items, self._settings.ttl_s, start + self._settings.write_timeout_s
+                    items, self._settings.ttl_s, self._settings.write_timeout_s
                 )
             except RemoteError as err:
                 self._failed("put", err)

@@ -5,8 +5,10 @@ connect timeouts). Its reply parser, though, buffers a 32 MiB bulk string throug
 and copies it twice (~80 ms per GET here, slower when pipelined), so replies are read here
 instead: bulk values are ``recv_into`` the caller's destination (a pool slot) and values are
 sent as ``memoryview``s of the slot, so KV bytes are never copied in Python. Every operation
-has an absolute deadline, enforced on every socket wait. (No separate silence limit: the server
-builds all replies of a pipeline before sending the first byte, ~10 ms per 32 MiB value here.)
+has a time budget that starts once it holds a connected socket (connecting is bounded on its
+own by the connect and socket timeouts) and is enforced on every socket wait. There is no
+separate silence limit: the server builds all replies of a pipeline before sending the first
+byte (~10 ms per 32 MiB value here).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class ReplyReader:
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self._sock = sock
-        self._deadline = deadline
+        self.deadline = deadline
         self._buf = bytearray()
         self._pos = 0
         self._scratch = bytearray(_READ_SIZE)
@@ -68,7 +70,7 @@ class ReplyReader:
         return self.finished and self._pos == len(self._buf)
 
     def _recv_into(self, view: memoryview) -> int:
-        remaining = self._deadline - time.monotonic()
+        remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise RemoteError("deadline exceeded waiting for the server")
         self._sock.settimeout(remaining)
@@ -169,9 +171,10 @@ class RemoteClient:
         )
 
     @contextmanager
-    def connection(self, deadline: float) -> Iterator[tuple[AbstractConnection, ReplyReader]]:
-        """A connected connection and a reader for it; dropped (not reused) unless every reply
-        was read, so a later command never reads a stale reply."""
+    def connection(self, budget_s: float) -> Iterator[tuple[AbstractConnection, ReplyReader]]:
+        """A connected connection and a reader whose deadline is ``budget_s`` from now; the
+        connection is dropped (not reused) unless every reply was read, so a later command
+        never reads a stale reply."""
         try:
             conn = self._pool.get_connection("GET")
         except AuthenticationError as err:
@@ -179,7 +182,7 @@ class RemoteClient:
         except (ValkeyError, OSError) as err:
             raise RemoteError(f"cannot connect: {err}") from None
         sock: Any = conn._sock  # the connected socket; valkey has no public accessor
-        reader = ReplyReader(sock, deadline)
+        reader = ReplyReader(sock, time.monotonic() + budget_s)
         try:
             yield conn, reader
         finally:
@@ -188,9 +191,9 @@ class RemoteClient:
             self._pool.release(conn)
 
     def send(
-        self, conn: AbstractConnection, parts: Sequence[bytes | memoryview], deadline: float
+        self, conn: AbstractConnection, reader: ReplyReader, parts: Sequence[bytes | memoryview]
     ) -> None:
-        remaining = deadline - time.monotonic()
+        remaining = reader.deadline - time.monotonic()
         if remaining <= 0:
             raise RemoteError("deadline exceeded before sending")
         conn._sock.settimeout(remaining)  # type: ignore[union-attr]
@@ -199,28 +202,28 @@ class RemoteClient:
         except (ValkeyError, OSError) as err:
             raise RemoteError(f"send failed: {err}") from None
 
-    def ping(self, deadline: float) -> None:
-        with self.connection(deadline) as (conn, reader):
-            self.send(conn, [_command("PING")], deadline)
+    def ping(self, budget_s: float) -> None:
+        with self.connection(budget_s) as (conn, reader):
+            self.send(conn, reader, [_command("PING")])
             reply = reader.reply_head()
             if reply != ("+", b"PONG"):
                 raise RemoteError(f"unexpected PING reply {reply!r}")
             reader.finished = True
 
-    def exists(self, keys: Sequence[str], deadline: float) -> list[bool]:
+    def exists(self, keys: Sequence[str], budget_s: float) -> list[bool]:
         """Per-key existence, all keys in one round trip."""
-        with self.connection(deadline) as (conn, reader):
-            self.send(conn, [b"".join(_command("EXISTS", k) for k in keys)], deadline)
+        with self.connection(budget_s) as (conn, reader):
+            self.send(conn, reader, [b"".join(_command("EXISTS", k) for k in keys)])
             found = [reader.integer() == 1 for _ in keys]
             reader.finished = True
             return found
 
-    def get_each(self, keys: Sequence[str], deadline: float, consume: Consumer) -> None:
+    def get_each(self, keys: Sequence[str], budget_s: float, consume: Consumer) -> None:
         """Pipelined GETs, one round trip; ``consume(i, length, reader)`` reads reply ``i``
         (length -1 = missing key) in full and returns whether to go on. Raising or stopping
         early drops the connection, so unread replies never reach another command."""
-        with self.connection(deadline) as (conn, reader):
-            self.send(conn, [b"".join(_command("GET", k) for k in keys)], deadline)
+        with self.connection(budget_s) as (conn, reader):
+            self.send(conn, reader, [b"".join(_command("GET", k) for k in keys)])
             for i in range(len(keys)):
                 if not consume(i, reader.bulk_length(), reader):
                     reader.finished = i == len(keys) - 1
@@ -228,7 +231,7 @@ class RemoteClient:
             reader.finished = True
 
     def set_many(
-        self, items: Sequence[WriteItem], ttl_s: int | None, deadline: float
+        self, items: Sequence[WriteItem], ttl_s: int | None, budget_s: float
     ) -> list[str | None]:
         """Pipelined SETs (with ``EX`` when ``ttl_s``); per item None or the server's error."""
         parts: list[bytes | memoryview] = []
@@ -242,8 +245,8 @@ class RemoteClient:
             )
             parts.append(item.payload)
             parts.append(tail)
-        with self.connection(deadline) as (conn, reader):
-            self.send(conn, parts, deadline)
+        with self.connection(budget_s) as (conn, reader):
+            self.send(conn, reader, parts)
             results: list[str | None] = []
             for _ in items:
                 try:
@@ -254,9 +257,9 @@ class RemoteClient:
             reader.finished = True
             return results
 
-    def delete(self, key: str, deadline: float) -> None:
-        with self.connection(deadline) as (conn, reader):
-            self.send(conn, [_command("DEL", key)], deadline)
+    def delete(self, key: str, budget_s: float) -> None:
+        with self.connection(budget_s) as (conn, reader):
+            self.send(conn, reader, [_command("DEL", key)])
             reader.integer()
             reader.finished = True
 

@@ -23,9 +23,14 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One server process; ``kill`` and ``start`` again reuse the same port (a restart)."""
+    """One server process; ``kill`` and ``start`` again reuse the same port (a restart).
 
-    def __init__(self, workdir: Path, password: str | None = None, *extra: str) -> None:
+    With ``tls_dir`` (holding ``server.pem``, ``server.key``, ``ca.pem``) it listens with TLS only.
+    """
+
+    def __init__(
+        self, workdir: Path, password: str | None = None, *extra: str, tls_dir: Path | None = None
+    ) -> None:
         binary = shutil.which(BINARY)
         if binary is None:
             raise FileNotFoundError(f"{BINARY} not on PATH (Debian: apt-get install redis-server)")
@@ -33,11 +38,14 @@ class RedisServer:
         self.workdir = workdir
         self.password = password
         self.extra = extra
+        self.tls_dir = tls_dir
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        if self.tls_dir:
+            return f"rediss://127.0.0.1:{self.port}?ssl_ca_certs={self.tls_dir / 'ca.pem'}"
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> None:
@@ -59,6 +67,21 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls_dir:
+            args += [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-auth-clients",
+                "no",
+                "--tls-cert-file",
+                str(self.tls_dir / "server.pem"),
+                "--tls-key-file",
+                str(self.tls_dir / "server.key"),
+                "--tls-ca-cert-file",
+                str(self.tls_dir / "ca.pem"),
+            ]
         log = (self.workdir / f"redis-{self.port}.log").open("ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -76,6 +99,8 @@ class RedisServer:
                 )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    if self.tls_dir:
+                        return  # accepting on the TLS port is all a plain socket can check
                     sock.sendall(b"PING\r\n")
                     if sock.recv(64):
                         return
