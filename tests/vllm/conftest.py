@@ -41,6 +41,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import (
@@ -93,6 +94,7 @@ def make_vllm_config(
     connector: str = "LMCacheConnectorV1",
     module_path: str | None = None,
     executor_backend: str | None = None,
+    async_scheduling: bool = False,
 ) -> VllmConfig:
     model = ModelConfig(model=str(model_dir), dtype="float16", seed=0, skip_tokenizer_init=True)
     return VllmConfig(
@@ -103,7 +105,7 @@ def make_vllm_config(
             max_model_len=4096,
             enable_chunked_prefill=True,
             is_encoder_decoder=False,
-            async_scheduling=False,
+            async_scheduling=async_scheduling,
         ),
         cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=True),
         kv_transfer_config=KVTransferConfig(
@@ -325,7 +327,8 @@ def make_rig(
     names = kv_cache_config.kv_cache_groups[0].layer_names
     layers = {name: make_paged(layout, num_blocks) for name in names}
     worker.register_kv_caches(layers)
-    scheduler = Scheduler(
+    async_scheduling = vllm_config.scheduler_config.async_scheduling
+    scheduler = (AsyncScheduler if async_scheduling else Scheduler)(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,
         log_stats=True,

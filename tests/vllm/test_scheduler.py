@@ -32,11 +32,13 @@ def store_line(req: str, stored: int, total: int) -> str:
     return f"Storing KV cache for {stored} out of {total} tokens for request {req}"
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("layout", list(PagedLayout))
 def test_first_request_stores_second_loads(
-    rig_factory: RigFactory, lmcache_log: list[str], layout: PagedLayout
+    rig_factory: RigFactory, lmcache_log: list[str], layout: PagedLayout, async_scheduling: bool
 ) -> None:
-    rig: Rig = rig_factory(layout=layout)
+    rig: Rig = rig_factory(layout=layout, async_scheduling=async_scheduling)
+    assert type(rig.scheduler).__name__ == ("AsyncScheduler" if async_scheduling else "Scheduler")
     tokens = prompt(150)
     serve_then_evict(rig, "r1", tokens)
     rig.add("r2", tokens)
