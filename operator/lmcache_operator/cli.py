@@ -107,6 +107,22 @@ def api_client(kubeconfig: str | None) -> k8s.ApiClient:
     return k8s.ApiClient(cfg)
 
 
+def connection_info(cfg: k8s.Configuration) -> kopf.ConnectionInfo:
+    """kopf's view of the client configuration; re-read on every login, so a rotated
+    service-account token is picked up when kopf re-authenticates after a 401."""
+    header = cfg.get_api_key_with_prefix("BearerToken") or ""
+    scheme, _, token = header.rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.kubeconfig:
@@ -116,15 +132,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         quiet=args.log_level == "warning",
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
     )
+    if args.log_level != "debug":
+        # kopf logs every watch event it hands to a handler; the reconciler logs what matters.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     cache = Cache()
-    cluster = KubeCluster(api_client(args.kubeconfig), cache)
+    client = api_client(args.kubeconfig)
+    client.user_agent = "lmcache-operator/0.1.0"
+    cluster = KubeCluster(client, cache)
     elector = None
     if args.leader_election:
         lease_ns = args.leader_election_namespace or (args.namespace or ["default"])[0]
         elector = LeaseElector(cluster, lease_ns, args.leader_election_name, args.identity)
     controller = Controller(Reconciler(cluster), cache, args.workers, args.resync_seconds, elector)
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, controller)
+    handlers.register(registry, controller, lambda: connection_info(client.configuration))
     if args.metrics_port:
         start_http_server(args.metrics_port)
     log.info("watching %s", ", ".join(args.namespace) if args.namespace else "all namespaces")

@@ -7,6 +7,7 @@ the operator and an unchanged cluster sees no writes at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -16,7 +17,19 @@ from lmcache_operator.controller import Controller
 from lmcache_operator.kube import CHILD_KINDS, PLURALS
 
 
-def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
+def register(
+    registry: kopf.OperatorRegistry,
+    controller: Controller,
+    login: Callable[[], kopf.ConnectionInfo] | None = None,
+) -> None:
+    """`login` gives kopf the credentials the reconciler's client uses, so both always talk
+    to the same cluster as the same user."""
+    if login is not None:
+
+        @kopf.on.login(registry=registry)
+        def credentials(**_: Any) -> kopf.ConnectionInfo:
+            return login()
+
     @kopf.on.startup(registry=registry)
     async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False  # the reconciler posts its own, meaningful Events

@@ -21,6 +21,8 @@ VALKEY_READY = "ValkeyReady"
 HUGEPAGES_SCHEDULABLE = "HugepagesSchedulable"
 CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, CONFIG_VALID, VALKEY_READY, HUGEPAGES_SCHEDULABLE)
 
+# Bad from the start: worth a Warning even on a new object (not Ready is just young).
+_BAD_AT_BIRTH = {DEGRADED, CONFIG_VALID, HUGEPAGES_SCHEDULABLE}
 # The status that calls for a human's attention, per condition type (Warning events).
 _BAD = {
     READY: "False",
@@ -238,13 +240,16 @@ class Transition:
 
 
 def transitions(previous: Mapping[str, Any], new: Mapping[str, Any]) -> list[Transition]:
-    """An Event per condition whose status moved (or that starts out bad)."""
+    """An Event per condition whose status moved, or that starts out bad where that is news."""
     before = {c.get("type"): c for c in previous.get("conditions") or []}
     out = []
     for cond in new.get("conditions") or []:
         old = before.get(cond["type"])
         bad = _BAD.get(cond["type"]) == cond["status"]
-        if (old is None and bad) or (old is not None and old.get("status") != cond["status"]):
+        if cond["type"] == DEGRADED and cond["reason"] == "InvalidSpec":
+            continue  # ConfigValid already tells this story
+        born_bad = old is None and bad and cond["type"] in _BAD_AT_BIRTH
+        if born_bad or (old is not None and old.get("status") != cond["status"]):
             out.append(
                 Transition(
                     "Warning" if bad else "Normal",

@@ -236,3 +236,14 @@ def test_there_are_examples_for_each_mode() -> None:
         "lmcachedeployment-valkey.yaml",
         "lmcachedeployment-remote-disk.yaml",
     } <= names
+
+
+def test_cel_rules_hold_on_bare_defaults() -> None:
+    """The API server checks each `default` against the rules of its node *without* nested
+    defaulting; a rule that reads a field the default lacks makes the CRD itself invalid."""
+    for path, node in walk(crd_schema()):
+        if "default" in node:
+            for rule in node.get("x-kubernetes-validations") or []:
+                program = _CEL.program(_CEL.compile(rule["rule"]))
+                value = as_schema_types(node, node["default"])
+                assert program.evaluate({"self": celpy.json_to_cel(value)}), (path, rule)

@@ -329,3 +329,16 @@ def test_gone_or_deleting_objects_are_left_to_garbage_collection(cluster: FakeCl
     cluster.find(api.KIND, "demo")["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     assert reconciler(cluster).reconcile("ml", "demo") is False
     assert cluster.writes == []
+
+
+def test_a_new_deployment_is_not_a_warning_but_an_invalid_one_is_once(
+    cluster: FakeCluster,
+) -> None:
+    create(cluster, {})
+    reconciler(cluster).reconcile("ml", "demo")
+    assert [e for e in cluster.events if e[0] == "Warning"] == []
+    other = FakeCluster(nodes=[])
+    create(other, {"vllm": {"extraArgs": ["--port=1"]}})
+    reconciler(other).reconcile("ml", "demo")
+    warnings = [r_ for t, r_, _ in other.events if t == "Warning"]
+    assert warnings.count("InvalidSpec") == 1
