@@ -54,9 +54,25 @@ def server(start_server: Callable[..., RedisServer]) -> RedisServer:
     return start_server()
 
 
-def raw_client(srv: RedisServer) -> valkey.Valkey:
-    """A plain client to inspect or damage what the tier stored."""
-    return valkey.Valkey(host="127.0.0.1", port=srv.port, password=srv.password)
+class Raw:
+    """A plain client to inspect or damage what the tier stored (typed for the tests)."""
+
+    def __init__(self, srv: RedisServer) -> None:
+        self.client = valkey.Valkey(host="127.0.0.1", port=srv.port, password=srv.password)
+
+    def get(self, key: str) -> bytes:
+        value = self.client.get(key)
+        assert isinstance(value, bytes)
+        return value
+
+    def set(self, key: str, value: bytes) -> None:
+        self.client.set(key, value)
+
+    def ttl(self, key: str) -> int:
+        return int(self.client.ttl(key))  # type: ignore[arg-type]
+
+    def exists(self, key: str) -> bool:
+        return bool(self.client.exists(key))
 
 
 @dataclass

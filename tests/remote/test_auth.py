@@ -12,7 +12,7 @@ from lmcache.config import ConfigError
 from lmcache.storage.remote.devserver import RedisServer
 from lmcache.storage.remote.url import PASSWORD_ENV
 
-from .conftest import CHUNK, Tier, raw_client
+from .conftest import CHUNK, Raw, Tier
 
 SECRET = "s3cret-Pa55"
 
@@ -61,7 +61,7 @@ def test_rotated_password_is_a_counted_failure(
         remote_breaker_failures=1,
         remote_breaker_backoff_s=60,
     )
-    raw = raw_client(locked)
+    raw = Raw(locked).client
     raw.config_set("requirepass", "rotated")
     raw.client_kill_filter(_type="normal", skipme=False)  # every connection re-authenticates
 

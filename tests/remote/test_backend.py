@@ -10,7 +10,7 @@ import torch
 from lmcache.storage import serde
 from lmcache.storage.remote.devserver import RedisServer
 
-from .conftest import CHUNK, Tier, raw_client
+from .conftest import CHUNK, Raw, Tier
 
 
 def keys_for(n: int, tag: str = "k") -> list[str]:
@@ -43,7 +43,7 @@ def test_value_is_header_plus_payload_in_one_string(
     [key] = keys_for(1)
     buffer = tier.buffer(CHUNK, 7)
     tier.write([key], [buffer])
-    stored = raw_client(server).get(key)
+    stored = Raw(server).get(key)
     header = serde.decode_header(stored)
     assert header.key == key
     assert header.shape == tier.spec.shape(CHUNK)
@@ -66,14 +66,14 @@ def test_ttl_is_set_when_configured(server: RedisServer, make_tier: Callable[...
     tier = make_tier(server.url, remote_ttl_s=300)
     [key] = keys_for(1)
     tier.write([key], [tier.buffer(CHUNK, 1)])
-    assert 0 < raw_client(server).ttl(key) <= 300
+    assert 0 < Raw(server).ttl(key) <= 300
 
 
 def test_no_ttl_by_default(server: RedisServer, make_tier: Callable[..., Tier]) -> None:
     tier = make_tier(server.url)
     [key] = keys_for(1)
     tier.write([key], [tier.buffer(CHUNK, 1)])
-    assert raw_client(server).ttl(key) == -1
+    assert Raw(server).ttl(key) == -1
 
 
 def _flip_payload_byte(value: bytes) -> bytes:
@@ -103,14 +103,14 @@ def test_corrupt_value_is_a_miss_never_data(
     tier = make_tier(server.url)
     keys = keys_for(3)
     tier.write(keys, [tier.buffer(CHUNK, i) for i in range(3)])
-    raw = raw_client(server)
+    raw = Raw(server)
     raw.set(keys[1], CORRUPTIONS[damage](raw.get(keys[1])))
 
     got = [tier.empty() for _ in keys]
     assert tier.backend.load_prefix(keys, got) == 1
     assert got[1].num_tokens == 0
     assert tier.value("lmcache_corrupt_values_total") == 1
-    assert raw.exists(keys[1]) == 0, "a refused value is deleted so it gets rewritten"
+    assert not raw.exists(keys[1]), "a refused value is deleted so it gets rewritten"
     assert tier.backend.load_prefix(keys[2:], got[2:]) == 1
 
 
@@ -121,7 +121,7 @@ def test_value_of_another_key_is_refused(
     tier = make_tier(server.url)
     keys = keys_for(2)
     tier.write(keys, [tier.buffer(CHUNK, 1), tier.buffer(CHUNK, 2)])
-    raw = raw_client(server)
+    raw = Raw(server)
     raw.set(keys[0], raw.get(keys[1]))
     got = tier.empty()
     assert tier.backend.load_prefix(keys[:1], [got]) == 0
@@ -140,6 +140,6 @@ def test_value_of_another_spec_is_refused(
     header = serde.Header(
         key, "float16", tier.spec.shape(CHUNK), len(payload), serde.checksum(payload)
     )
-    raw_client(server).set(key, header.encode() + bytes(payload))
+    Raw(server).set(key, header.encode() + bytes(payload))
     assert tier.backend.load_prefix([key], [tier.empty()]) == 0
     assert tier.value("lmcache_corrupt_values_total") == 1
