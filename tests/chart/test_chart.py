@@ -129,18 +129,51 @@ def test_default_pod_is_locked_down(helm: Path) -> None:
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert container["image"] == "ghcr.io/lmcache-kube/operator:0.1.0"
     assert "--all-namespaces" in container["args"]
-    assert "--leader-elect" in container["args"]
+    assert "--leader-election" in container["args"]
+    assert "--identity=$(POD_NAME)" in container["args"]
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
 
 
-def test_default_is_cluster_wide_and_least_privilege(helm: Path) -> None:
-    objs = rendered("default")
-    roles = of_kind(objs, "ClusterRole") + of_kind(objs, "Role")
+def grants(roles: list[Obj]) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) → verbs, over every rule of `roles`."""
+    out: dict[tuple[str, str], set[str]] = {}
     for role in roles:
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], role
-            if "secrets" in rule["resources"]:
-                assert not {"list", "watch"} & set(rule["verbs"]), "secrets must not be listable"
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def test_rbac_is_exactly_what_the_operator_calls(helm: Path) -> None:
+    """The rules follow lmcache_operator.kube: every kind it touches, and nothing else."""
+    kube = pytest.importorskip(
+        "lmcache_operator.kube", reason="the operator package is not installed"
+    )
+    objs = rendered("default")
+    got = grants(of_kind(objs, "ClusterRole") + of_kind(objs, "Role"))
+    want: dict[tuple[str, str], set[str]] = {}
+    for api_version, kind in kube.CHILD_KINDS:
+        group = api_version.rpartition("/")[0]
+        want[(group, kube.PLURALS[(api_version, kind)])] = {
+            "get",
+            "list",
+            "watch",
+            "create",
+            "patch",
+            "delete",
+        }
+    want[("serving.lmcache-kube.io", "lmcachedeployments")] = {"get", "list", "watch"}
+    want[("serving.lmcache-kube.io", "lmcachedeployments/status")] = {"get", "patch"}
+    want[("", "events")] = {"create"}
+    want[("", "nodes")] = {"get", "list"}
+    want[("coordination.k8s.io", "leases")] = {"get", "create", "update"}
+    assert got == want
+
+
+def test_default_is_cluster_wide(helm: Path) -> None:
+    objs = rendered("default")
     crs = [
         r
         for r in of_kind(objs, "ClusterRole")
@@ -150,7 +183,8 @@ def test_default_is_cluster_wide_and_least_privilege(helm: Path) -> None:
     assert len(crs) == 1
     (lease_role,) = of_kind(objs, "Role")
     assert lease_role["metadata"]["namespace"] == chartctl.NAMESPACE
-    assert lease_role["rules"][0]["resources"] == ["leases"]
+    renew = [r for r in lease_role["rules"] if "update" in r["verbs"]]
+    assert renew[0]["resourceNames"] == [operator_deployment(objs)["metadata"]["name"]]
     assert not of_kind(objs, "ServiceMonitor")
     assert not of_kind(objs, "LMCacheDeployment")
 
@@ -197,7 +231,9 @@ def test_monitoring_objects_need_the_prometheus_operator_api(helm: Path) -> None
     assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert sm["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert of_kind(with_api, "PodMonitor")
+    (pm,) = of_kind(with_api, "PodMonitor")
+    ports = {e["port"] for e in pm["spec"]["podMetricsEndpoints"]}
+    assert ports == {"http", "lmcache-metrics"}
     without_api = chartctl.objects(chartctl.render(chartctl.ValueSet("monitoring")))
     assert not of_kind(without_api, "ServiceMonitor")
     assert not of_kind(without_api, "PodMonitor")

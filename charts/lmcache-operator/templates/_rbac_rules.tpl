@@ -1,32 +1,29 @@
 {{/*
-What the operator does in a watched namespace, and nothing more. Shared by the ClusterRole
-(all namespaces) and the per-namespace Roles (`watchNamespaces`), so the two cannot drift.
-Children are server-side applied (PATCH, creating when missing) and deleted when a feature is
-turned off; the CR itself is only read, with finalizers on metadata and writes to /status.
+What the operator does in a watched namespace, and nothing more (see lmcache_operator/kube.py).
+Shared by the ClusterRole (all namespaces) and the per-namespace Roles (`watchNamespaces`), so
+the two cannot drift. The custom resource is only read, and written only through /status: the
+operator uses kopf event handlers, so no finalizers or annotations land on user objects. Its
+children are watched by label (kopf), server-side applied with one field manager (PATCH,
+creating when missing) and deleted when a feature is turned off. Watching Secrets by label still
+needs list/watch on all Secrets of the namespace: RBAC cannot filter by label.
 */}}
 {{- define "lmcache-operator.rules" -}}
 - apiGroups: ["serving.lmcache-kube.io"]
   resources: ["lmcachedeployments"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["serving.lmcache-kube.io"]
   resources: ["lmcachedeployments/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["get", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
-  resources: ["configmaps", "services"]
+  resources: ["configmaps", "secrets", "services"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
