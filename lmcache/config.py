@@ -213,7 +213,7 @@ KEYS: tuple[KeySpec, ...] = (
         "remote_timeout_ms",
         _parse_int,
         50,
-        "remote deadline: connecting, a lookup round trip, each chunk of a load",
+        "remote deadline of a lookup; a load adds 0.17 s per 32 MiB (200 MB/s floor)",
         lambda v: None if v > 0 else "an integer > 0",
     ),
     KeySpec(
