@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -121,3 +123,33 @@ def test_write_queue_is_bounded_and_releases_every_buffer(
     assert tier.backend.flush(30)
     assert tier.done_count == 50
     assert tier.backend.contains_prefix(keys[:4]) == 4
+
+
+def test_failing_server_leaks_nothing(server: RedisServer, make_tier: Callable[..., Tier]) -> None:
+    """Hundreds of failed lookups, loads and writes (breaker kept closed so every one goes to
+    the dead server): no memory growth, no thread growth, every buffer released."""
+    tier = make_tier(server.url, remote_breaker_failures=1_000_000)
+    keys = keys_for(4)
+    dest = [tier.empty() for _ in keys]
+    source = tier.buffer(CHUNK, 1)
+    server.kill()
+
+    def cycle(n: int) -> None:
+        for _ in range(n):
+            assert tier.backend.contains_prefix(keys) == 0
+            assert tier.backend.load_prefix(keys, dest) == 0
+            tier.backend.submit(keys[0], source, tier.done)
+        assert tier.backend.flush(30)
+
+    cycle(50)
+    threads = threading.active_count()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    cycle(300)
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    growth = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    assert growth < 256 << 10, f"{growth} bytes retained by 300 failed cycles"
+    assert threading.active_count() == threads
+    assert tier.done_count == 350, "every submitted buffer was handed back"
+    assert tier.value("lmcache_tier_errors_total", op="lookup") == 350
