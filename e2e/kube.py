@@ -159,12 +159,17 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0) ->
 
 
 def audit_events(log: Path, user: str | None = None) -> list[Obj]:
-    """The API server's audit events (JSON lines), optionally only those of one user."""
+    """The API server's audit events (JSON lines), optionally only those of one user.
+
+    Every event gets an `objectRef` (empty for non-resource URLs such as /api or /healthz) so
+    callers can filter on it without special cases.
+    """
     if not log.exists():
         return []
     events = []
     for line in log.read_text().splitlines():
         event = json.loads(line)
+        event.setdefault("objectRef", {})
         if user is None or event.get("user", {}).get("username") == user:
             events.append(event)
     return events
