@@ -10,6 +10,8 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from lmcache.storage.remote.devserver import RedisServer, free_port
 
 from .conftest import CHUNK, CHUNK_BYTES, Tier
@@ -153,3 +155,34 @@ def test_failing_server_leaks_nothing(server: RedisServer, make_tier: Callable[.
     assert threading.active_count() == threads
     assert tier.done_count == 350, "every submitted buffer was handed back"
     assert tier.value("lmcache_tier_errors_total", op="lookup") == 350
+
+
+def test_full_server_with_noeviction_refuses_writes_countably(
+    start_server: Callable[..., RedisServer],
+    make_tier: Callable[..., Tier],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = start_server(None, "--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    tier = make_tier(server.url, slots=1100)
+    keys = keys_for(1000)
+    tier.write(keys, [tier.buffer(CHUNK, i) for i in range(1000)])
+    refused = tier.value("lmcache_tier_errors_total", op="put")
+    assert refused > 0
+    assert tier.value("lmcache_dropped_writes_total") == refused
+    assert tier.value("lmcache_tier_ops_total", op="put") == 1000 - refused
+    assert caplog.text.count("refused a write") == 1, "warned once, not per batch"
+    assert not tier.backend.breaker.is_open, "a full server is not a dead one"
+    assert tier.backend.contains_prefix(keys) > 0
+
+
+def test_full_server_with_lru_evicts_instead(
+    start_server: Callable[..., RedisServer], make_tier: Callable[..., Tier]
+) -> None:
+    server = start_server(None, "--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru")
+    tier = make_tier(server.url, slots=1100)
+    keys = keys_for(1000)
+    tier.write(keys, [tier.buffer(CHUNK, i) for i in range(1000)])
+    assert tier.value("lmcache_tier_errors_total", op="put") == 0
+    assert tier.value("lmcache_tier_ops_total", op="put") == 1000
+    assert tier.backend.contains_prefix(keys[-5:]) == 5, "recent chunks stay"
+    assert tier.backend.contains_prefix(keys) == 0, "the oldest were evicted"

@@ -93,6 +93,8 @@ class RemoteBackend(StorageBackend):
         self._queued_bytes = 0
         """Bytes queued or being written: what the write path pins in the pool."""
         self._closed = False
+        self._warned: set[str] = set()
+        """Write errors already logged (an -OOM server would otherwise log every batch)."""
         metrics.labels(metrics.breaker_open).set(0)
         self._writer = threading.Thread(
             target=self._write_loop, name="lmcache-remote-writer", daemon=True
@@ -273,11 +275,18 @@ class RemoteBackend(StorageBackend):
                 return
             written = [p.nbytes for p, e in zip(batch, errors, strict=True) if e is None]
             self._succeeded("put", sum(written), start, count=len(written))
-            for error in {e for e in errors if e is not None}:
-                logger.warning("remote tier %s refused a write: %s", self._client.target, error)
-            self._metrics.labels(self._metrics.tier_errors, TIER, "put").inc(
-                len(batch) - len(written)
-            )
+            refused = [e for e in errors if e is not None]
+            if refused:
+                self._metrics.labels(self._metrics.tier_errors, TIER, "put").inc(len(refused))
+                self._metrics.labels(self._metrics.dropped_writes, TIER).inc(len(refused))
+            for error in set(refused) - self._warned:
+                self._warned.add(error)
+                logger.warning(
+                    "remote tier %s refused a write: %s (warned once per message; see "
+                    "docs/remote.md for the server settings)",
+                    self._client.target,
+                    error,
+                )
         finally:
             for pending in batch:
                 self._finish(pending)
