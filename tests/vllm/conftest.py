@@ -348,9 +348,10 @@ def rig_factory(model_dir: Path) -> Iterator[RigFactory]:
     def make(
         extra: dict[str, Any] | None = None,
         layout: PagedLayout = PagedLayout.BLOCK_FIRST,
+        num_blocks: int = 256,
         **config: Any,
     ) -> Rig:
-        rig = make_rig(make_vllm_config(model_dir, extra, **config), layout)
+        rig = make_rig(make_vllm_config(model_dir, extra, **config), layout, num_blocks)
         rigs.append(rig)
         return rig
 

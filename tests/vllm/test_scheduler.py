@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vllm import SamplingParams
+from vllm.lora.request import LoRARequest
+from vllm.v1.request import Request
 
 from lmcache.integration.vllm.paged import PagedLayout
 from tests.vllm.conftest import BLOCK, CHUNK, HEAD_SIZE, HEADS, LAYERS, Rig, RigFactory
@@ -182,3 +185,43 @@ def test_module_path_connector(rig_factory: RigFactory, lmcache_log: list[str]) 
     rig.run()
     assert lookup_line("r2", 90, 90, 89) in lmcache_log
     rig.check("r2", 0, 90)
+
+
+def test_preempted_request_resumes_from_the_cache(
+    rig_factory: RigFactory, lmcache_log: list[str]
+) -> None:
+    rig: Rig = rig_factory(num_blocks=13, max_num_batched_tokens=256)  # 12 usable blocks
+    rig.add("r1", prompt(80, seed=1), max_tokens=40)
+    rig.add("r2", prompt(80, seed=2), max_tokens=40)
+    resumed = []
+    for _ in range(200):
+        if not rig.scheduler.has_unfinished_requests():
+            break
+        output = rig.step()
+        resumed += list(output.scheduled_cached_reqs.resumed_req_ids)
+    assert resumed, "no request was preempted"
+    victim = resumed[0]
+    lookups = [m for m in lmcache_log if m.startswith(f"Reqid: {victim},")]
+    assert len(lookups) >= 2  # looked up again when it came back
+    assert ", LMCache hit tokens: 80, need to load: " in lookups[-1]  # its prompt was stored
+    assert not rig.scheduler.has_unfinished_requests()
+    assert len(rig.shared.pins) == 0
+    rig.check(victim, 0, 80)
+
+
+def test_lora_requests_bypass_the_cache(rig_factory: RigFactory) -> None:
+    rig: Rig = rig_factory()
+    tokens = prompt(100)
+    serve_then_evict(rig, "r1", tokens)
+    plain = rig.add("r2", tokens)
+    adapted = Request(
+        request_id="r3",
+        prompt_token_ids=tokens,
+        sampling_params=SamplingParams(max_tokens=1),
+        pooling_params=None,
+        lora_request=LoRARequest("adapter", 1, "/nonexistent"),
+    )
+    connector = rig.scheduler.connector
+    assert connector is not None
+    assert connector.get_num_new_matched_tokens(plain, 0) == (99, False)
+    assert connector.get_num_new_matched_tokens(adapted, 0) == (0, False)

@@ -19,8 +19,17 @@ from lmcache.log import log_lookup
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
     from vllm.v1.request import Request
+
+
+def cacheable(request: Request | NewRequestData) -> bool:
+    """Whether a request's KV is a function of its token ids alone, which chunk keys hash.
+
+    Not so with a LoRA adapter or with multimodal inputs (their placeholder tokens are the
+    same for every image): such requests bypass the cache rather than risk wrong KV.
+    """
+    return request.lora_request is None and not request.mm_features
 
 
 @dataclass
@@ -60,7 +69,7 @@ class SchedulerConnector:
         """Cached tokens beyond vLLM's own prefix-cache hit, leaving at least the last
         prompt token to compute (vLLM needs one to sample from)."""
         tokens = request.prompt_token_ids
-        if not tokens:
+        if not tokens or not cacheable(request):
             return 0
         hit = self._lookup(list(tokens))
         load_end = min(hit, request.num_tokens - 1)
@@ -92,7 +101,7 @@ class SchedulerConnector:
             self._forget(req_id)
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
-            if not new.prompt_token_ids:
+            if not new.prompt_token_ids or not cacheable(new):
                 continue
             tracker = _Tracker(
                 list(new.prompt_token_ids),
