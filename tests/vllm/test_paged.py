@@ -70,6 +70,7 @@ def load(
     slots: torch.Tensor,
     start: int,
     end: int,
+    layerwise: bool = True,
 ) -> None:
     """Load tokens ``[start, end)`` of the cached prefix into their slots."""
     with engine.retrieve_chunks(tokens) as views:
@@ -78,15 +79,18 @@ def load(
             lo, hi = max(chunk.start, start), min(chunk.end, end)
             if lo < hi:
                 jobs.append(LoadJob(kv, lo - chunk.start, hi - chunk.start, slots[lo:hi]))
-        transfer.start_load(jobs, layerwise=True)
+        transfer.start_load(jobs, layerwise)
         for layer in range(len(transfer.cache.layers)):
             transfer.wait_layer(layer)
         transfer.finish_load()
 
 
+@pytest.mark.parametrize("layerwise", [False, True], ids=["chunk-major", "layer-major"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("layout", "hnd"), LAYOUTS)
-def test_store_evict_load_restores_every_slot(layout: PagedLayout, hnd: bool, device: str) -> None:
+def test_store_evict_load_restores_every_slot(
+    layout: PagedLayout, hnd: bool, device: str, layerwise: bool
+) -> None:
     layers = make_layers(layout, device, hnd)
     before = [layer.clone() for layer in layers]
     cache = PagedKVCache(layers)
@@ -98,7 +102,7 @@ def test_store_evict_load_restores_every_slot(layout: PagedLayout, hnd: bool, de
         assert store(engine, transfer, tokens, slots) == 150
         for layer in layers:
             layer.zero_()  # evicted from the GPU
-        load(engine, transfer, tokens, slots, 0, 150)
+        load(engine, transfer, tokens, slots, 0, 150, layerwise)
 
     for layer, original in zip(layers, before, strict=True):
         for slot in slots.tolist():
@@ -111,8 +115,9 @@ def test_store_evict_load_restores_every_slot(layout: PagedLayout, hnd: bool, de
             assert not token_slice(layer, layout, slot).any()
 
 
+@pytest.mark.parametrize("layerwise", [False, True], ids=["chunk-major", "layer-major"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_partial_load_writes_only_its_range(device: str) -> None:
+def test_partial_load_writes_only_its_range(device: str, layerwise: bool) -> None:
     layout = PagedLayout.BLOCK_FIRST
     layers = make_layers(layout, device, hnd=False)
     before = [layer.clone() for layer in layers]
@@ -123,7 +128,7 @@ def test_partial_load_writes_only_its_range(device: str) -> None:
         store(engine, transfer, tokens, slots)
         for layer in layers:
             layer.zero_()
-        load(engine, transfer, tokens, slots, 40, 99)  # mid-chunk start and end
+        load(engine, transfer, tokens, slots, 40, 99, layerwise)  # mid-chunk start and end
 
     for layer, original in zip(layers, before, strict=True):
         for position, slot in enumerate(slots.tolist()):

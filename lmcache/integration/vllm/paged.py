@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -106,67 +107,80 @@ class LoadJob:
 
 class PagedTransfer:
     """Copies between a :class:`PagedKVCache` and pinned ``[layers, kv, n, heads, head]``
-    chunk views, asynchronously on CUDA, synchronously on CPU."""
+    chunk views: on CUDA asynchronously on a dedicated stream, on CPU synchronously, through
+    the same code (device-to-device steps become no-ops on CPU)."""
 
     def __init__(self, cache: PagedKVCache) -> None:
         self.cache = cache
-        self.cuda = cache.device.type == "cuda"
-        self.stream = torch.cuda.Stream(cache.device) if self.cuda else None
+        self.stream = torch.cuda.Stream(cache.device) if cache.device.type == "cuda" else None
         self._layer_events: list[torch.cuda.Event] = []
+
+    def _on_stream(self) -> AbstractContextManager[object]:
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+
+    def _after_compute(self) -> None:
+        """Order the side stream after everything the compute stream has queued so far."""
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.cache.device))
 
     # -- store (paged -> pinned) ---------------------------------------------------------
 
     def begin_store(self) -> None:
         """Order the store copies after the forward pass that wrote the KV."""
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.cache.device))
+        self._after_compute()
 
     def gather(self, slots: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the KV at ``slots`` into ``dst`` (a pinned chunk view); complete on return,
-        because the engine publishes ``dst`` as soon as its fill returns."""
+        because the engine publishes ``dst`` as soon as its fill returns. All layers are
+        gathered on the device first, so the copy to the host is one large DMA."""
         cache = self.cache
-        if self.stream is None:
+        with self._on_stream():
             index = cache.index(slots)
-            for layer in range(len(cache.layers)):
-                dst[layer].copy_(cache.read(layer, index))
-            return
-        with torch.cuda.stream(self.stream):
-            index = cache.index(slots)
-            staged = torch.empty(dst.shape, dtype=dst.dtype, device=cache.device)
+            staged = dst if self.stream is None else torch.empty_like(dst, device=cache.device)
             for layer in range(len(cache.layers)):
                 staged[layer].copy_(cache.read(layer, index))
-            dst.copy_(staged, non_blocking=True)
-        self.stream.synchronize()
+            if staged is not dst:
+                dst.copy_(staged, non_blocking=True)
+        if self.stream is not None:
+            self.stream.synchronize()
 
     # -- load (pinned -> paged) ----------------------------------------------------------
 
     def start_load(self, jobs: Sequence[LoadJob], layerwise: bool) -> None:
-        """Issue every job's copies layer by layer. ``layerwise`` records an event after each
-        layer so the forward pass can run layer 0 while later layers are still in flight
-        (:meth:`wait_layer`); otherwise the compute stream waits for all of them here."""
+        """Issue every job's copies.
+
+        ``layerwise``: layer by layer, with an event after each, so the forward pass runs
+        layer 0 while later layers are still in flight (:meth:`wait_layer`). Otherwise chunk
+        by chunk, one large DMA each, and the compute stream waits for all of them here (on
+        the GPU: no CPU stall, and safe under full CUDA graphs).
+        """
         cache = self.cache
         self._layer_events = []
         if not jobs:
             return
-        if self.stream is None:
+        self._after_compute()
+        device = cache.device
+        with self._on_stream():
             indexes = [cache.index(job.slots) for job in jobs]
-            for layer in range(len(cache.layers)):
+            if layerwise:
+                for layer in range(len(cache.layers)):
+                    for job, index in zip(jobs, indexes, strict=True):
+                        part = job.kv[layer, :, job.lo : job.hi].to(device, non_blocking=True)
+                        cache.write(layer, index, part)
+                    self._record_layer()
+            else:
                 for job, index in zip(jobs, indexes, strict=True):
-                    cache.write(layer, index, job.kv[layer, :, job.lo : job.hi])
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(cache.device))
-        with torch.cuda.stream(self.stream):
-            indexes = [cache.index(job.slots) for job in jobs]
-            for layer in range(len(cache.layers)):
-                for job, index in zip(jobs, indexes, strict=True):
-                    part = job.kv[layer, :, job.lo : job.hi].to(cache.device, non_blocking=True)
-                    cache.write(layer, index, part)
-                if layerwise:
-                    event = torch.cuda.Event()
-                    event.record(self.stream)
-                    self._layer_events.append(event)
-        if not layerwise:
-            torch.cuda.current_stream(cache.device).wait_stream(self.stream)
+                    chunk = job.kv.to(device, non_blocking=True)
+                    for layer in range(len(cache.layers)):
+                        cache.write(layer, index, chunk[layer, :, job.lo : job.hi])
+        if self.stream is not None and not layerwise:
+            torch.cuda.current_stream(device).wait_stream(self.stream)
+
+    def _record_layer(self) -> None:
+        if self.stream is not None:
+            event = torch.cuda.Event()
+            event.record(self.stream)
+            self._layer_events.append(event)
 
     def wait_layer(self, layer: int) -> None:
         """Make the compute stream wait for layer ``layer``'s loaded KV (no CPU stall)."""
