@@ -539,14 +539,15 @@ def storage_class(name: str, default: bool) -> dict[str, object]:
     }
 
 
-def create_nodes(timeout: float) -> None:
-    """Create the fake nodes and storage classes; once kwok marks the nodes Ready, pods can run."""
-    items = [node_manifest(s) for s in NODE_SHAPES] + [
-        storage_class(name, default) for name, default in STORAGE_CLASSES.items()
-    ]
+def create(items: list[dict[str, object]]) -> None:
     kubectl(
         "create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
     )
+
+
+def add_nodes(shapes: list[NodeShape], timeout: float = 60.0) -> None:
+    """Create fake nodes and wait until kwok reports them Ready (the benchmark adds more)."""
+    create([node_manifest(s) for s in shapes])
 
     def nodes_ready() -> bool:
         out = json.loads(kubectl("get", "nodes", "-o", "json"))
@@ -558,9 +559,15 @@ def create_nodes(timeout: float) -> None:
                 for c in n["status"].get("conditions", [])
             )
         }
-        return ready >= {s.name for s in NODE_SHAPES}
+        return ready >= {s.name for s in shapes}
 
     wait_until("fake nodes Ready (kwok)", nodes_ready, timeout)
+
+
+def create_nodes(timeout: float) -> None:
+    """Create the storage classes and fake nodes; then wait until pods can be created."""
+    create([storage_class(name, default) for name, default in STORAGE_CLASSES.items()])
+    add_nodes(NODE_SHAPES, timeout)
 
     # Pods need their namespace's "default" ServiceAccount, made by the controller-manager.
     def default_sa() -> bool:

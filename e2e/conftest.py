@@ -12,14 +12,13 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from e2e import cluster as local
 from e2e.kube import Cluster, Kube, wait_for
-from e2e.operator_proc import OperatorProcess
+from e2e.operator_proc import OperatorProcess, Release, install_chart, uninstall_chart
 
 NEEDS_LOCAL = (
     "needs the local control plane (fake GPU/hugepage nodes, API audit log); "
@@ -78,41 +77,14 @@ def namespace(k8s: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
         k8s.delete("v1", "Namespace", name)
 
 
-# E2E_CHART: another chart to test (a packaged .tgz, a release candidate); default this repo's.
-CHART = Path(os.environ.get("E2E_CHART", local.REPO / "charts" / "lmcache-operator"))
-RELEASE = "lmcache-operator"
-OPERATOR_NAMESPACE = "lmcache-system"
-
-
-@dataclass(frozen=True)
-class Release:
-    """The chart installed by Helm: where it lives and its operator Deployment."""
-
-    name: str
-    namespace: str
-    deployment: str
-
-
 @pytest.fixture(scope="session")
 def release(kube: Cluster, k8s: Kube) -> Iterator[Release]:
-    """`helm install` of the chart, as a user would run it.
-
-    On a user's cluster the chart's own pod is scaled to zero: the operator under test is the
-    local process (its image need not exist in any registry the cluster can reach).
-    """
-    args = ["upgrade", "--install", RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE]
-    args += ["--create-namespace", "--wait", "--timeout=180s"]
-    if not kube.local:
-        args += ["--set", "replicaCount=0"]
-    kube.helm(*args)
-    deployments = k8s.items(
-        "apps/v1", "Deployment", OPERATOR_NAMESPACE, f"app.kubernetes.io/instance={RELEASE}"
-    )
-    assert len(deployments) == 1, f"the chart should render one operator Deployment: {deployments}"
+    """`helm install` of the chart, as a user would run it."""
+    rel = install_chart(kube, k8s)
     try:
-        yield Release(RELEASE, OPERATOR_NAMESPACE, deployments[0]["metadata"]["name"])
+        yield rel
     finally:
-        kube.helm("uninstall", RELEASE, "-n", OPERATOR_NAMESPACE, "--wait", check=False)
+        uninstall_chart(kube, rel)
 
 
 @pytest.fixture(scope="session")

@@ -17,3 +17,8 @@ e2e: $(STAMP) e2e-tools ## end-to-end tests (local control plane, or the cluster
 	$(PY) -m pytest -q -p no:cacheprovider -o testpaths=e2e $(E2E_PYTEST_ARGS) e2e
 
 .PHONY: e2e-tools e2e-up e2e-down e2e
+
+bench-operator: $(STAMP) e2e-tools ## operator benchmark: 100 LMCacheDeployments at once (writes .bench/operator.json)
+	$(PY) -m e2e.bench_operator --out .bench/operator.json
+
+.PHONY: bench-operator

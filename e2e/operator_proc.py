@@ -17,13 +17,18 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from e2e.cluster import E2E_DIR, free_port
+from e2e.cluster import E2E_DIR, REPO, free_port
 from e2e.kube import Cluster, Kube, wait_for
 
 VENV_BIN = Path(sys.executable).parent
+# E2E_CHART: another chart to test (a packaged .tgz, a release candidate); default this repo's.
+CHART = Path(os.environ.get("E2E_CHART", REPO / "charts" / "lmcache-operator"))
+RELEASE = "lmcache-operator"
+OPERATOR_NAMESPACE = "lmcache-system"
 ENTRYPOINT = "lmcache-operator"  # images/operator/Dockerfile's ENTRYPOINT
 PORT_FLAGS = ("--metrics-port", "--health-port")
 
@@ -37,6 +42,36 @@ def expand(value: str, env: dict[str, str]) -> str:
         return env.get(m.group(1), m.group(0))
 
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, value)
+
+
+@dataclass(frozen=True)
+class Release:
+    """The chart installed by Helm: where it lives and its operator Deployment."""
+
+    name: str
+    namespace: str
+    deployment: str
+
+
+def install_chart(kube: Cluster, k8s: Kube) -> Release:
+    """`helm upgrade --install` of the chart, waiting for its objects.
+
+    On a user's cluster the chart's own pod is scaled to zero: the operator under test is the
+    local process (its image need not exist in any registry the cluster can reach).
+    """
+    args = ["upgrade", "--install", RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE]
+    args += ["--create-namespace", "--wait", "--timeout=180s"]
+    if not kube.local:
+        args += ["--set", "replicaCount=0"]
+    kube.helm(*args)
+    selector = f"app.kubernetes.io/instance={RELEASE}"
+    deployments = k8s.items("apps/v1", "Deployment", OPERATOR_NAMESPACE, selector)
+    assert len(deployments) == 1, f"the chart should render one operator Deployment: {deployments}"
+    return Release(RELEASE, OPERATOR_NAMESPACE, deployments[0]["metadata"]["name"])
+
+
+def uninstall_chart(kube: Cluster, release: Release) -> None:
+    kube.helm("uninstall", release.name, "-n", release.namespace, "--wait", check=False)
 
 
 class OperatorProcess:
@@ -144,13 +179,19 @@ class OperatorProcess:
             self.kill()
         self.proc = None
 
-    def peak_rss_bytes(self) -> int:
-        """The kernel's high-water mark of the process's resident memory (VmHWM)."""
+    def _status_kib(self, field: str) -> int:
         assert self.proc is not None
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmHWM in /proc status")
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+        raise AssertionError(f"no {field} in /proc/{self.proc.pid}/status")
+
+    def rss_bytes(self) -> int:
+        return self._status_kib("VmRSS") * 1024
+
+    def peak_rss_bytes(self) -> int:
+        """The kernel's high-water mark of the resident memory (VmHWM): no sampling to miss it."""
+        return self._status_kib("VmHWM") * 1024
 
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"

@@ -16,9 +16,8 @@ from kubernetes.client.exceptions import ApiException
 
 from e2e import lmcd
 from e2e.cluster import REPO, NodeShape
-from e2e.conftest import Release
 from e2e.kube import WRITE_VERBS, Cluster, Kube, Obj, audit_events, condition, is_true, wait_for
-from e2e.operator_proc import OperatorProcess
+from e2e.operator_proc import OperatorProcess, Release
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 VALKEY_KINDS = [

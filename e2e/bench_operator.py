@@ -1,0 +1,200 @@
+"""`make bench-operator`: N LMCacheDeployments created at once, on the local control plane.
+
+Reports the time until all are Ready, the API requests the operator issued (from the API
+server's audit log, by the operator's ServiceAccount), and the operator's peak RSS. The time is
+put against a floor measured in the same run: the same number of plain Deployments with the same
+pod shape, created directly, until all are Available; that is what the control plane and kwok
+need anyway, so the ratio is the operator's own overhead. A benchmark, not a test: no limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from e2e import cluster as local
+from e2e import lmcd
+from e2e.kube import WRITE_VERBS, Cluster, Kube, Obj, audit_events, is_true, wait_for
+from e2e.operator_proc import OperatorProcess, install_chart, uninstall_chart
+
+PAUSE = "registry.k8s.io/pause:3.10"
+
+
+@contextmanager
+def local_cluster() -> Iterator[Cluster]:
+    """A running `make e2e-up` cluster, else one started (and stopped) for the benchmark."""
+    if local.running() is not None:
+        yield Cluster(local.KUBECONFIG, local=True)
+        return
+    local.up()
+    try:
+        yield Cluster(local.KUBECONFIG, local=True)
+    finally:
+        local.down()
+
+
+def bench_nodes(count: int) -> list[local.NodeShape]:
+    """Enough 8-GPU nodes for `count` one-GPU pods, besides the harness's own shapes."""
+    return [
+        local.NodeShape(f"bench-gpu-{i}", 8, "64Gi", cpu="96", memory="1Ti", gpu_product=local.H100)
+        for i in range((count + 7) // 8)
+    ]
+
+
+def create_all(k8s: Kube, manifests: list[Obj], namespace: str) -> None:
+    """Create everything at once: concurrent requests, as a GitOps sync would issue them."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda m: k8s.create(m, namespace), manifests))
+
+
+def timed_until(what: str, done: Callable[[], bool], timeout: float, start: float) -> float:
+    wait_for(what, done, timeout)
+    return time.monotonic() - start
+
+
+def new_namespace(k8s: Kube, name: str) -> str:
+    k8s.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    wait_for(
+        f"ServiceAccount default in {name}",
+        lambda: k8s.get("v1", "ServiceAccount", "default", name),
+    )
+    return name
+
+
+def drop_namespace(k8s: Kube, name: str, timeout: float) -> None:
+    """Delete and wait until its pods are gone, so the next phase gets the GPUs back."""
+    k8s.delete("v1", "Namespace", name)
+    wait_for(f"namespace {name} gone", lambda: k8s.get("v1", "Namespace", name) is None, timeout)
+
+
+def floor_seconds(k8s: Kube, count: int, timeout: float) -> float:
+    """Plain Deployments, one 1-GPU pod each, until all Available: the control plane's share."""
+    ns = new_namespace(k8s, "bench-floor")
+    limits = {"nvidia.com/gpu": "1", "cpu": "4", "memory": "21Gi"}
+    manifests = []
+    for i in range(count):
+        labels = {"app": f"floor-{i}"}
+        pod = {
+            "containers": [
+                {
+                    "name": "main",
+                    "image": PAUSE,
+                    "resources": {"requests": limits, "limits": limits},
+                }
+            ]
+        }
+        manifests.append(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": f"floor-{i}"},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": labels},
+                    "template": {"metadata": {"labels": labels}, "spec": pod},
+                },
+            }
+        )
+    start = time.monotonic()
+    create_all(k8s, manifests, ns)
+
+    def all_available() -> bool:
+        ds = k8s.items("apps/v1", "Deployment", ns)
+        return len(ds) == count and all(is_true(d, "Available") for d in ds)
+
+    seconds = timed_until(f"{count} plain Deployments Available", all_available, timeout, start)
+    drop_namespace(k8s, ns, timeout)
+    return seconds
+
+
+def operator_run(
+    kube: Cluster, k8s: Kube, operator: OperatorProcess, count: int, timeout: float
+) -> dict[str, Any]:
+    assert kube.audit_log is not None
+    ns = new_namespace(k8s, "bench-operator")
+    manifests = [lmcd.manifest(f"bench-{i}") for i in range(count)]
+    rss_before = operator.rss_bytes()
+    audit_start = len(audit_events(kube.audit_log))
+    start = time.monotonic()
+    create_all(k8s, manifests, ns)
+
+    def all_ready() -> bool:
+        crs = k8s.items(lmcd.API_VERSION, lmcd.KIND, ns)
+        return len(crs) == count and all(lmcd.settled(cr) for cr in crs)
+
+    seconds = timed_until(f"{count} LMCacheDeployments Ready", all_ready, timeout, start)
+    events = [
+        e
+        for e in audit_events(kube.audit_log)[audit_start:]
+        if e["user"]["username"] == operator.username
+    ]
+    by_verb = Counter(e["verb"] for e in events)
+    writes = sum(n for verb, n in by_verb.items() if verb in WRITE_VERBS)
+    result = {
+        "seconds_to_all_ready": round(seconds, 2),
+        "api_requests": len(events),
+        "api_requests_per_deployment": round(len(events) / count, 2),
+        "api_writes": writes,
+        "api_requests_by_verb": dict(sorted(by_verb.items())),
+        "operator_rss_before_bytes": rss_before,
+        "operator_peak_rss_bytes": operator.peak_rss_bytes(),
+    }
+    drop_namespace(k8s, ns, timeout)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=100, help="LMCacheDeployments (default 100)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per phase")
+    parser.add_argument("--out", type=Path, default=Path(".bench/operator.json"))
+    args = parser.parse_args(argv)
+
+    with local_cluster() as kube:
+        k8s = Kube(kube.kubeconfig)
+        existing = {n["metadata"]["name"] for n in k8s.items("v1", "Node")}
+        local.add_nodes([s for s in bench_nodes(args.count) if s.name not in existing])
+        floor = floor_seconds(k8s, args.count, args.timeout)
+        release = install_chart(kube, k8s)
+        operator = OperatorProcess(kube, release.namespace, release.deployment)
+        operator.start()
+        try:
+            result = operator_run(kube, k8s, operator, args.count, args.timeout)
+        finally:
+            operator.stop()
+            uninstall_chart(kube, release)
+
+    report = {
+        "benchmark": "operator",
+        "deployments": args.count,
+        **result,
+        "floor_plain_deployments_seconds": round(floor, 2),
+        "ratio_to_floor": round(result["seconds_to_all_ready"] / floor, 2),
+        "machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    mib = 1 << 20
+    print(
+        f"{args.count} LMCacheDeployments Ready in {result['seconds_to_all_ready']:.1f} s "
+        f"(plain Deployments floor {floor:.1f} s, ratio {report['ratio_to_floor']:.2f}); "
+        f"{result['api_requests']} API requests "
+        f"({result['api_requests_per_deployment']}/deployment, "
+        f"{result['api_writes']} writes); operator peak RSS "
+        f"{result['operator_peak_rss_bytes'] / mib:.0f} MiB"
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
