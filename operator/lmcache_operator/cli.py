@@ -135,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.log_level != "debug":
         # kopf logs every watch event it hands to a handler; the reconciler logs what matters.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # every /healthz probe
     cache = Cache()
     client = api_client(args.kubeconfig)
     client.user_agent = "lmcache-operator/0.1.0"

@@ -79,6 +79,10 @@ class Controller:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.elector is not None and self.leading.is_set():
+            self.leading.clear()
+            metrics.LEADER.set(0)
+            await asyncio.get_running_loop().run_in_executor(None, self.elector.release)
 
     def observe_owner(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]

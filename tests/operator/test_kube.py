@@ -265,3 +265,13 @@ def test_a_lost_write_race_is_not_leadership(server: FakeApiServer) -> None:
     b.cluster = type("C", (), {"request": staticmethod(racing)})()  # type: ignore[assignment]
     assert not b.try_acquire(T0 + timedelta(seconds=16))
     assert lease(server)["spec"]["holderIdentity"] == "a"
+
+
+def test_released_lease_is_taken_at_once(server: FakeApiServer) -> None:
+    a, b = electors(server)
+    assert a.try_acquire(T0)
+    b.release()  # not the holder: a no-op
+    assert lease(server)["spec"]["holderIdentity"] == "a"
+    a.release()
+    assert b.try_acquire(T0 + timedelta(seconds=1))
+    assert lease(server)["spec"]["holderIdentity"] == "b"

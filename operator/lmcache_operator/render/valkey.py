@@ -114,7 +114,8 @@ def _container(spec: Spec, owner: Owner) -> dict[str, Any]:
     if ref:
         env = [
             {"name": var, "valueFrom": {"secretKeyRef": {"name": ref[0], "key": ref[1]}}}
-            for var in ("VALKEY_PASSWORD", "REDISCLI_AUTH")
+            # valkey-cli (the readiness probe) reads VALKEYCLI_AUTH, older builds REDISCLI_AUTH.
+            for var in ("VALKEY_PASSWORD", "VALKEYCLI_AUTH", "REDISCLI_AUTH")
         ]
     return {
         "name": "valkey",
