@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from e2e.cluster import E2E_DIR, REPO, free_port
-from e2e.kube import Cluster, Kube, wait_for
+from e2e.kube import Cluster, Kube, is_true, wait_for
 
 VENV_BIN = Path(sys.executable).parent
 # E2E_CHART: another chart to test (a packaged .tgz, a release candidate); default this repo's.
@@ -54,16 +54,26 @@ class Release:
 
 
 def install_chart(kube: Cluster, k8s: Kube) -> Release:
-    """`helm upgrade --install` of the chart, waiting for its objects.
+    """`helm upgrade --install` of the chart.
 
-    On a user's cluster the chart's own pod is scaled to zero: the operator under test is the
-    local process (its image need not exist in any registry the cluster can reach).
+    Locally `--wait` holds until the operator pod is Ready (kwok makes it so). On a user's cluster
+    the chart's pod runs the published image, which may not be pullable there: the wait is for
+    the CRD instead. If that pod does run, it and the local process share the leader Lease, and
+    whichever holds it reconciles, which is what a user's cluster would do too.
     """
     args = ["upgrade", "--install", RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE]
-    args += ["--create-namespace", "--wait", "--timeout=180s"]
-    if not kube.local:
-        args += ["--set", "replicaCount=0"]
+    args += ["--create-namespace"]
+    if kube.local:
+        args += ["--wait", "--timeout=180s"]
     kube.helm(*args)
+    wait_for(
+        "the chart's CRDs Established",
+        lambda: all(
+            is_true(crd, "Established")
+            for crd in k8s.items("apiextensions.k8s.io/v1", "CustomResourceDefinition")
+            if crd["spec"]["group"].endswith("lmcache-kube.io")
+        ),
+    )
     selector = f"app.kubernetes.io/instance={RELEASE}"
     deployments = k8s.items("apps/v1", "Deployment", OPERATOR_NAMESPACE, selector)
     assert len(deployments) == 1, f"the chart should render one operator Deployment: {deployments}"

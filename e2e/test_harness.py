@@ -127,7 +127,9 @@ def test_garbage_collector_deletes_dependents_of_a_deleted_owner(k8s: Kube, name
     )
 
 
-def test_default_storage_class_provisions_and_binds_claims(k8s: Kube, namespace: str) -> None:
+def test_default_storage_class_provisions_and_binds_claims(
+    k8s: Kube, namespace: str, fake_nodes: list[NodeShape]
+) -> None:
     claim = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
