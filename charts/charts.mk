@@ -27,3 +27,12 @@ release: chart-check ## package the chart into dist/ with its .sha256 (version f
 test: chart-check
 
 .PHONY: chart-check chart-golden-update chart-readme deploy-update chart-generate release
+
+chart-lint: $(STAMP) ## chart tooling: ruff + mypy on charts/tools and tests/chart
+	$(VENV)/bin/ruff check charts/tools tests/chart
+	$(VENV)/bin/ruff format --check charts/tools tests/chart
+	$(VENV)/bin/mypy charts/tools
+
+lint: chart-lint
+
+.PHONY: chart-lint

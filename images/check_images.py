@@ -27,7 +27,7 @@ PROJECT_VENV = REPO / ".venv"
 
 SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY)", re.I)
 SECRET_FILE = re.compile(r"(\.env\b|id_rsa|id_ed25519|\.pem\b|\.key\b|\.netrc\b)")
-PINNED_TAG = re.compile(r"^v?\d+\.\d+(\.\d+)?([-.][A-Za-z0-9.-]+)?$")
+PINNED_TAG = re.compile(r"^v?\d+\.\d+\.\d+([-.+][A-Za-z0-9.-]+)?$")
 # Directories a RUN may name that the check relocates into its scratch root.
 IMAGE_DIRS = ("src", "opt")
 
@@ -41,6 +41,11 @@ class Instruction:
     line: int
     op: str
     args: str
+
+
+def shown(path: Path) -> Path:
+    """A path as messages show it: relative to the repo when inside it."""
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
 def parse(dockerfile: Path) -> list[Instruction]:
@@ -73,7 +78,7 @@ def stages(instructions: list[Instruction]) -> list[list[Instruction]]:
 
 def lint(dockerfile: Path) -> list[str]:
     """Our rules; each problem names `file:line` and what is allowed."""
-    rel = dockerfile.relative_to(REPO)
+    rel = shown(dockerfile)
     problems: list[str] = []
     names: set[str] = set()
     all_stages = stages(parse(dockerfile))
@@ -92,7 +97,7 @@ def lint(dockerfile: Path) -> list[str]:
         elif not PINNED_TAG.match(tag):
             problems.append(
                 f"{rel}:{stage[0].line}: base {image} is not pinned: use a version tag "
-                "(like 3.12.12-slim) or @sha256:…, never latest or no tag"
+                "with major.minor.patch (3.12.12-slim) or @sha256:…, never latest or no tag"
             )
     if not all_stages:
         return [f"{rel}: no FROM"]
@@ -254,7 +259,7 @@ IMAGES_BY_NAME = {image.name: image for image in IMAGES_UNDER_TEST}
 
 
 def check_install(image: Image) -> list[str]:
-    rel = image.dockerfile.relative_to(REPO)
+    rel = shown(image.dockerfile)
     instructions = parse(image.dockerfile)
     runs = install_runs(instructions)
     if not runs:
@@ -304,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.check in ("install", "all"):
                 found += check_install(image)
         except ImageError as e:
-            found.append(f"{image.dockerfile.relative_to(REPO)}: {e}")
+            found.append(f"{shown(image.dockerfile)}: {e}")
         print(f"images-check {args.check}: {image.name}: {'FAILED' if found else 'ok'}")
         problems += found
     for p in problems:

@@ -37,3 +37,14 @@ images-lock: $(IMAGES_TOOLS_STAMP) ## re-lock the images' Python dependencies (h
 	  cat build/vllm-requirements.txt; } > images/vllm-lmcache/requirements.txt
 
 .PHONY: images images-check images-lock
+
+images-lint: $(STAMP) ## images tooling: ruff + mypy on images/check_images.py
+	$(VENV)/bin/ruff check images
+	$(VENV)/bin/ruff format --check images
+	$(VENV)/bin/mypy images/check_images.py
+
+lint: images-lint
+
+.PHONY: images-lint
+
+test: images-check
