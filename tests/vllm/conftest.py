@@ -184,6 +184,7 @@ class Rig:
     layout: PagedLayout
     blocks: dict[str, list[int]] = field(default_factory=dict)
     prompts: dict[str, list[int]] = field(default_factory=dict)
+    resumed: list[str] = field(default_factory=list)
     load_errors: list[set[int]] = field(default_factory=list)
 
     @property
@@ -211,11 +212,14 @@ class Rig:
     def schedule(self) -> SchedulerOutput:
         output = self.scheduler.schedule()
         for new in output.scheduled_new_reqs:
+            if new.req_id in self.blocks:  # newer vLLM sends a resumed request as new
+                self.resumed.append(new.req_id)
             self.blocks[new.req_id] = list(new.block_ids[0])
         cached = output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             new_blocks = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
+                self.resumed.append(req_id)
                 self.blocks[req_id] = list(new_blocks[0]) if new_blocks else []
             elif new_blocks:
                 self.blocks[req_id].extend(new_blocks[0])

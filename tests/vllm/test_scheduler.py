@@ -193,19 +193,16 @@ def test_preempted_request_resumes_from_the_cache(
     rig: Rig = rig_factory(num_blocks=13, max_num_batched_tokens=256)  # 12 usable blocks
     rig.add("r1", prompt(80, seed=1), max_tokens=40)
     rig.add("r2", prompt(80, seed=2), max_tokens=40)
-    resumed = []
-    for _ in range(200):
-        if not rig.scheduler.has_unfinished_requests():
-            break
-        output = rig.step()
-        resumed += list(output.scheduled_cached_reqs.resumed_req_ids)
-    assert resumed, "no request was preempted"
-    victim = resumed[0]
+    rig.run(max_steps=200)
+    assert rig.resumed, "no request was preempted"
+    victim = rig.resumed[0]
     lookups = [m for m in lmcache_log if m.startswith(f"Reqid: {victim},")]
     assert len(lookups) >= 2  # looked up again when it came back
     assert ", LMCache hit tokens: 80, need to load: " in lookups[-1]  # its prompt was stored
-    assert not rig.scheduler.has_unfinished_requests()
     assert len(rig.shared.pins) == 0
+    assert [m for m in lmcache_log if m.startswith("Storing") and victim in m][-1] == store_line(
+        victim, 80, 80
+    )  # stored once, not again on resumption
     rig.check(victim, 0, 80)
 
 

@@ -108,6 +108,10 @@ class SchedulerConnector:
                 list(new.block_ids[0]),
                 self._hits.pop(new.req_id, 0),
             )
+            previous = self._trackers.get(new.req_id)
+            if previous is not None:  # resumed after preemption (vLLM >= 0.26 sends it as new)
+                tracker.stored_end = max(tracker.stored_end, previous.stored_end)
+                tracker.done = previous.done
             self._trackers[new.req_id] = tracker
             end = new.num_computed_tokens + scheduled[new.req_id]
             self._add_op(meta, new.req_id, tracker, end)
