@@ -379,6 +379,12 @@ def versions() -> list[str]:
             problems.append(
                 f"{path.relative_to(REPO)}: version {v} != Chart.yaml appVersion {app}\n"
             )
+    # The engine image the operator defaults to is built from the same release.
+    api = REPO / "operator" / "lmcache_operator" / "api.py"
+    match = re.search(r'^DEFAULT_IMAGE_TAG\s*=\s*"([^"]+)"', api.read_text(), re.MULTILINE)
+    if match is None or match.group(1) != app:
+        found = match.group(1) if match else "missing"
+        problems.append(f"{api.relative_to(REPO)}: DEFAULT_IMAGE_TAG {found} != appVersion {app}\n")
     return problems
 
 

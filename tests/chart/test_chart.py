@@ -14,6 +14,7 @@ from typing import Any
 
 import chartctl
 import pytest
+import yaml
 
 Obj = dict[str, Any]
 SETS = {vs.name: vs for vs in chartctl.VALUE_SETS}
@@ -77,6 +78,20 @@ def test_deploy_manifests_match_the_chart(helm: Path, kubectl: Path) -> None:
 
 def test_package_versions_follow_chart_yaml() -> None:
     assert chartctl.versions() == []
+
+
+def test_a_version_bump_in_chart_yaml_alone_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meta = {**chartctl.chart_meta(), "appVersion": "9.9.9"}
+    (tmp_path / "Chart.yaml").write_text(yaml.safe_dump(meta))
+    monkeypatch.setattr(chartctl, "CHART", tmp_path)
+    problems = chartctl.versions()
+    assert [p.split(":")[0] for p in problems] == [
+        "pyproject.toml",
+        "operator/pyproject.toml",
+        "operator/lmcache_operator/api.py",
+    ]
 
 
 # --- the schema ----------------------------------------------------------------------------
