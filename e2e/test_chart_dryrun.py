@@ -8,6 +8,9 @@ nothing, so this needs no operator. The kustomize manifests under deploy/ get th
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +29,10 @@ VALUE_SETS = sorted(
     p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml")
 )
 MONITORING_API = "monitoring.coreos.com/v1"
+# The Prometheus Operator release whose own CRDs validate our ServiceMonitor and PodMonitor on the
+# local cluster, fetched through the Go module proxy like the other e2e tools.
+PROMETHEUS_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
+MONITORING_CRDS = ("servicemonitors", "podmonitors")
 FIELD_MANAGER = "lmcache-chart-dryrun"
 
 
@@ -78,24 +85,49 @@ def namespaces(k8s: Kube) -> Iterator[list[str]]:
             k8s.delete("v1", "Namespace", name)
 
 
-@pytest.fixture(scope="module")
-def crd(kube: Cluster) -> None:
-    """The CRD for real: a custom resource can only be validated once its type is served."""
-    for path in sorted((CHART / "crds").glob("*.yaml")):
+def install_crds(kube: Cluster, paths: list[Path]) -> None:
+    for path in paths:
         kube.kubectl("apply", "--server-side", f"--field-manager={FIELD_MANAGER}", "-f", str(path))
         name = yaml.safe_load(path.read_text())["metadata"]["name"]
         kube.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
 
 
+@pytest.fixture(scope="module")
+def crd(kube: Cluster) -> None:
+    """The CRD for real: a custom resource can only be validated once its type is served."""
+    install_crds(kube, sorted((CHART / "crds").glob("*.yaml")))
+
+
+@pytest.fixture(scope="module")
+def monitoring_api(kube: Cluster, tmp_path_factory: pytest.TempPathFactory) -> bool:
+    """Whether monitoring.coreos.com/v1 is served: already, or on our local cluster from the
+    pinned upstream CRDs (a user's cluster is left as it is)."""
+    if served(kube, MONITORING_API):
+        return True
+    if not kube.local:
+        return False
+    go = shutil.which("go")
+    if go is None:
+        pytest.fail("go is needed to fetch the Prometheus Operator CRDs (as for `make e2e-tools`)")
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
+    cwd = tmp_path_factory.mktemp("gomod")
+    argv = [go, "mod", "download", "-json", PROMETHEUS_OPERATOR]
+    out = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    crds = Path(json.loads(out.stdout)["Dir"]) / "example" / "prometheus-operator-crd"
+    install_crds(kube, [crds / f"monitoring.coreos.com_{name}.yaml" for name in MONITORING_CRDS])
+    return True
+
+
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_chart_objects_pass_server_side_dry_run(
-    kube: Cluster, namespaces: list[str], crd: None, value_set: str
+    kube: Cluster, namespaces: list[str], crd: None, monitoring_api: bool, value_set: str
 ) -> None:
-    # Prometheus Operator objects are rendered only where their API is served; on a cluster
-    # without it they are absent here too, as they would be from a real install.
-    apis = [MONITORING_API] if served(kube, MONITORING_API) else []
-    objs = render(kube, values_file(value_set), apis)
+    # Prometheus Operator objects are rendered only where their API is served; on a user's
+    # cluster without it they are absent here too, as they would be from a real install.
+    objs = render(kube, values_file(value_set), [MONITORING_API] if monitoring_api else [])
     assert objs, f"{value_set}: nothing rendered"
+    if value_set == "monitoring" and monitoring_api:
+        assert {"ServiceMonitor", "PodMonitor"} <= {o["kind"] for o in objs}
     assert_accepted(kube, objs, value_set)
 
 
