@@ -46,13 +46,28 @@ def register(
     async def child_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         controller.observe_child(event.get("type"), body)
 
+    async def cache_child(body: kopf.Body, **_: Any) -> None:
+        # An index handler: kopf runs these for every listed object before any other handler,
+        # so the first reconciles find every existing child in the cache instead of GETting it.
+        controller.cache.put(body)
+
     for api_version, kind in CHILD_KINDS:
         group, _, version = api_version.rpartition("/")
+        plural = PLURALS[(api_version, kind)]
+        labels = {api.LABEL_MANAGED_BY: api.MANAGED_BY}
+        kopf.index(
+            group=group,
+            version=version,
+            plural=plural,
+            labels=labels,
+            id=f"cache-{kind.lower()}",
+            registry=registry,
+        )(cache_child)
         kopf.on.event(
             group=group,
             version=version,
-            plural=PLURALS[(api_version, kind)],
-            labels={api.LABEL_MANAGED_BY: api.MANAGED_BY},
+            plural=plural,
+            labels=labels,
             id=f"watch-{kind.lower()}",
             registry=registry,
         )(child_event)

@@ -150,6 +150,7 @@ class KubeCluster:
         self.identity = socket.gethostname()
         self._node_ttl = node_ttl
         self._nodes: tuple[float, list[Body] | None] = (-node_ttl, None)
+        self._nodes_lock = threading.Lock()  # workers starting together list nodes once
 
     def request(
         self,
@@ -255,13 +256,14 @@ class KubeCluster:
 
     def nodes(self) -> list[Body] | None:
         """Nodes, listed at most once per TTL; None when they cannot be read (e.g. RBAC)."""
-        fetched_at, items = self._nodes
-        if time.monotonic() - fetched_at < self._node_ttl:
+        with self._nodes_lock:
+            fetched_at, items = self._nodes
+            if time.monotonic() - fetched_at < self._node_ttl:
+                return items
+            try:
+                items = self.request("GET", path("v1", "Node", None)).get("items", [])
+            except ApiError as e:
+                log.warning("cannot list nodes: %s", e)
+                items = None
+            self._nodes = (time.monotonic(), items)
             return items
-        try:
-            items = self.request("GET", path("v1", "Node", None)).get("items", [])
-        except ApiError as e:
-            log.warning("cannot list nodes: %s", e)
-            items = None
-        self._nodes = (time.monotonic(), items)
-        return items

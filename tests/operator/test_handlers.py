@@ -45,6 +45,23 @@ def test_watches_the_crd_and_only_labelled_children() -> None:
             assert h.labels == {api.LABEL_MANAGED_BY: api.MANAGED_BY}, i
 
 
+def test_children_are_indexed_so_the_cache_is_full_before_any_reconcile() -> None:
+    registry, controller = registered()
+    indexers = {h.id: h for h in registry._indexing.get_all_handlers()}
+    assert set(indexers) == {
+        "cache-configmap",
+        "cache-secret",
+        "cache-service",
+        "cache-deployment",
+        "cache-statefulset",
+        "cache-networkpolicy",
+    }
+    raw = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "ml"}}
+    asyncio.run(indexers["cache-configmap"].fn(body=kopf.Body(raw)))
+    assert controller.cache.get(("v1", "ConfigMap", "ml", "c")) == raw
+    assert len(controller.queue) == 0  # caching alone queues nothing
+
+
 def test_no_handler_needs_a_finalizer_or_writes_progress() -> None:
     """Deleting a deployment must never wait for the operator: no timers, daemons or
     change handlers (kopf adds finalizers and progress annotations for those)."""
