@@ -55,22 +55,24 @@ def register(
         group, _, version = api_version.rpartition("/")
         plural = PLURALS[(api_version, kind)]
         labels = {api.LABEL_MANAGED_BY: api.MANAGED_BY}
-        kopf.index(
+        index = kopf.index(
             group=group,
             version=version,
             plural=plural,
             labels=labels,
             id=f"cache-{kind.lower()}",
             registry=registry,
-        )(cache_child)
-        kopf.on.event(
+        )
+        watch = kopf.on.event(
             group=group,
             version=version,
             plural=plural,
             labels=labels,
             id=f"watch-{kind.lower()}",
             registry=registry,
-        )(child_event)
+        )
+        index(cache_child)
+        watch(child_event)
 
     @kopf.on.probe(id="leading", registry=registry)
     def leading(**_: Any) -> bool:
