@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -92,6 +92,7 @@ def make_vllm_config(
     extra: dict[str, Any] | None = None,
     max_num_batched_tokens: int = 64,
     connector: str = "LMCacheConnectorV1",
+    kv_role: Literal["kv_producer", "kv_both", "kv_consumer"] = "kv_both",
     module_path: str | None = None,
     executor_backend: str | None = None,
     async_scheduling: bool = False,
@@ -111,7 +112,7 @@ def make_vllm_config(
         kv_transfer_config=KVTransferConfig(
             kv_connector=connector,
             kv_connector_module_path=module_path,
-            kv_role="kv_both",
+            kv_role=kv_role,
             kv_load_failure_policy="recompute",
             kv_connector_extra_config={
                 "lmcache.chunk_size": CHUNK,
@@ -239,6 +240,7 @@ class Rig:
             self.compute(req_id, start, start + output.num_scheduled_tokens[req_id])
         self.worker.wait_for_save()
         errors = self.worker.get_block_ids_with_load_errors()
+        assert self.worker.get_kv_connector_kv_cache_events() is None
         self.worker.clear_connector_metadata()
         self.load_errors.append(errors)
         req_ids = list(output.num_scheduled_tokens)

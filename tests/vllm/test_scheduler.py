@@ -222,3 +222,21 @@ def test_lora_requests_bypass_the_cache(rig_factory: RigFactory) -> None:
     assert connector is not None
     assert connector.get_num_new_matched_tokens(plain, 0) == (99, False)
     assert connector.get_num_new_matched_tokens(adapted, 0) == (0, False)
+
+
+@pytest.mark.parametrize("kv_role", ["kv_producer", "kv_consumer"])
+def test_kv_role_limits_the_direction(
+    rig_factory: RigFactory, lmcache_log: list[str], kv_role: str
+) -> None:
+    rig: Rig = rig_factory(kv_role=kv_role)  # vLLM's own wrapper, as with "kv_both"
+    tokens = prompt(100)
+    rig.shared.engine.store(tokens[:64], torch.zeros(rig.shared.engine.spec.shape(64)))
+    rig.add("r1", tokens)
+    rig.run()
+    stored = [m for m in lmcache_log if m.startswith("Storing")]
+    if kv_role == "kv_producer":  # stores, never loads
+        assert lookup_line("r1", 100, 0, 0) not in lmcache_log
+        assert stored == [store_line("r1", 0, 64), store_line("r1", 36, 100)]  # 64 were there
+    else:  # loads, never stores
+        assert lookup_line("r1", 100, 64, 64) in lmcache_log
+        assert stored == []

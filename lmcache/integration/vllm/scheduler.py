@@ -46,6 +46,7 @@ class SchedulerConnector:
     def __init__(self, vllm_config: VllmConfig) -> None:
         self.config = settings.engine_config(vllm_config)
         self.instance_id = settings.instance_id(vllm_config)
+        self.loads, self.stores = settings.directions(vllm_config)
         self._client: LookupClient | None = None
         self._hits: dict[str, int] = {}
         self._plans: dict[str, LoadSpec] = {}
@@ -69,7 +70,7 @@ class SchedulerConnector:
         """Cached tokens beyond vLLM's own prefix-cache hit, leaving at least the last
         prompt token to compute (vLLM needs one to sample from)."""
         tokens = request.prompt_token_ids
-        if not tokens or not cacheable(request):
+        if not tokens or not self.loads or not cacheable(request):
             return 0
         hit = self._lookup(list(tokens))
         load_end = min(hit, request.num_tokens - 1)
@@ -137,7 +138,7 @@ class SchedulerConnector:
         load = self._loads.pop(req_id, None)
         prompt_len = len(tracker.prompt)
         store_end: int | None = None
-        if not tracker.done:
+        if self.stores and not tracker.done:
             if end >= prompt_len:
                 store_end = prompt_len
                 tracker.done = True

@@ -37,6 +37,12 @@ def instance_id(vllm_config: VllmConfig) -> str:
     return str(_transfer_config(vllm_config).engine_id)
 
 
+def directions(vllm_config: VllmConfig) -> tuple[bool, bool]:
+    """(loads, stores) allowed by ``kv_role``: a producer only stores, a consumer only loads."""
+    config = _transfer_config(vllm_config)
+    return config.is_kv_consumer, config.is_kv_producer
+
+
 def use_layerwise(vllm_config: VllmConfig) -> bool:
     """vLLM's LMCache wrapper reads the same key to force piecewise CUDA graphs, which
     per-layer waits need."""

@@ -36,7 +36,7 @@ class WorkerConnector:
         self.instance_id = settings.instance_id(vllm_config)
         self.block_size = vllm_config.cache_config.block_size
         self.layerwise = settings.use_layerwise(vllm_config)
-        self.rank, self.world_size = settings.shard(vllm_config)
+        self.rank, self.world_size = 0, 1
         self.shared: SharedEngine | None = None
         self.transfer: PagedTransfer | None = None
         self._server: LookupServer | None = None
@@ -51,7 +51,9 @@ class WorkerConnector:
         return self.shared.engine
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Build this rank's engine for the KV geometry vLLM allocated."""
+        """Build this rank's engine for the KV geometry vLLM allocated (and, by now, with
+        vLLM's parallel groups set up, for this rank's shard)."""
+        self.rank, self.world_size = settings.shard(self.vllm_config)
         cache = PagedKVCache(list(kv_caches.values()))
         self._layers = {name: i for i, name in enumerate(kv_caches)}
         self.transfer = PagedTransfer(cache)
