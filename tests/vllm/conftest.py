@@ -79,6 +79,14 @@ MODEL_CONFIG = {
 }
 
 
+NO_CUDA = "needs a CUDA device (this machine has none)"
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)],
+)
+DEVICES = ["cpu", CUDA]
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama")
@@ -313,6 +321,7 @@ def make_rig(
     vllm_config: VllmConfig,
     layout: PagedLayout = PagedLayout.BLOCK_FIRST,
     num_blocks: int = 256,
+    device: str = "cpu",
 ) -> Rig:
     kv_cache_config = KVCacheConfig(
         num_blocks=num_blocks,
@@ -331,7 +340,7 @@ def make_rig(
         vllm_config, KVConnectorRole.WORKER, kv_cache_config
     )
     names = kv_cache_config.kv_cache_groups[0].layer_names
-    layers = {name: make_paged(layout, num_blocks) for name in names}
+    layers = {name: make_paged(layout, num_blocks, device) for name in names}
     worker.register_kv_caches(layers)
     async_scheduling = vllm_config.scheduler_config.async_scheduling
     scheduler = (AsyncScheduler if async_scheduling else Scheduler)(
@@ -355,9 +364,11 @@ def rig_factory(model_dir: Path) -> Iterator[RigFactory]:
         extra: dict[str, Any] | None = None,
         layout: PagedLayout = PagedLayout.BLOCK_FIRST,
         num_blocks: int = 256,
+        device: str = "cpu",
         **config: Any,
     ) -> Rig:
-        rig = make_rig(make_vllm_config(model_dir, extra, **config), layout, num_blocks)
+        vllm_config = make_vllm_config(model_dir, extra, **config)
+        rig = make_rig(vllm_config, layout, num_blocks, device)
         rigs.append(rig)
         return rig
 

@@ -14,18 +14,10 @@ from lmcache.integration.vllm.paged import (
     PagedTransfer,
     detect_layout,
 )
-from tests.vllm.conftest import BLOCK, make_paged, token_slice
+from tests.vllm.conftest import BLOCK, DEVICES, make_paged, token_slice
 
 NUM_BLOCKS = 64
 CHUNK = 32
-NO_CUDA = "needs a CUDA device (this machine has none)"
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)],
-    ),
-]
 LAYOUTS = [
     pytest.param(PagedLayout.KV_FIRST, False, id="kv-first"),
     pytest.param(PagedLayout.BLOCK_FIRST, False, id="block-first-NHD"),

@@ -13,7 +13,7 @@ from vllm.lora.request import LoRARequest
 from vllm.v1.request import Request
 
 from lmcache.integration.vllm.paged import PagedLayout
-from tests.vllm.conftest import BLOCK, CHUNK, HEAD_SIZE, HEADS, LAYERS, Rig, RigFactory
+from tests.vllm.conftest import BLOCK, CHUNK, CUDA, HEAD_SIZE, HEADS, LAYERS, Rig, RigFactory
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:
@@ -240,3 +240,24 @@ def test_kv_role_limits_the_direction(
     else:  # loads, never stores
         assert lookup_line("r1", 100, 64, 64) in lmcache_log
         assert stored == []
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole-load", "layerwise"])
+@pytest.mark.parametrize("layout", list(PagedLayout))
+def test_cuda_paged_cache_end_to_end(
+    rig_factory: RigFactory,
+    lmcache_log: list[str],
+    layout: PagedLayout,
+    layerwise: bool,
+    device: str,
+) -> None:
+    """The scenario of the first test on CUDA tensors: side stream, pinned pool, events."""
+    rig: Rig = rig_factory({"use_layerwise": layerwise}, layout=layout, device=device)
+    tokens = prompt(150)
+    serve_then_evict(rig, "r1", tokens)
+    rig.add("r2", tokens)
+    rig.run()
+    assert lookup_line("r2", 150, 150, 149) in lmcache_log
+    assert rig.shared.engine.storage.pool.pinned
+    rig.check("r2", 0, 150)
