@@ -54,6 +54,13 @@ def test_an_undocumented_value_is_named() -> None:
         chartctl.values_table(text)
 
 
+def test_every_value_is_used_by_a_template() -> None:
+    templates = "".join(p.read_text() for p in (chartctl.CHART / "templates").iterdir())
+    rows = chartctl.documented((chartctl.CHART / "values.yaml").read_text())
+    unused = [r.path for r in rows if f".Values.{r.path}" not in templates]
+    assert unused == [], f"values no template reads: {unused}"
+
+
 def test_a_documented_map_covers_its_children() -> None:
     text = "# -- all resources\nresources:\n  limits:\n    memory: 1Gi\n"
     table = chartctl.values_table(text)

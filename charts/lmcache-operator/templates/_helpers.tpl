@@ -57,14 +57,9 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
-{{/* The namespaces the operator's Roles live in: the watched ones, without duplicates. */}}
-{{- define "lmcache-operator.watchNamespaces" -}}
-{{- .Values.watchNamespaces | uniq | toJson }}
-{{- end }}
-
 {{/*
-True (non-empty) when the Prometheus Operator API is served, or when the user asked for the
-objects while rendering offline with `--api-versions monitoring.coreos.com/v1`.
+Non-empty when the Prometheus Operator API is served (or, rendering offline, named with
+`--api-versions monitoring.coreos.com/v1`), so its objects never fail an install without it.
 */}}
 {{- define "lmcache-operator.hasMonitoringAPI" -}}
 {{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" }}true{{ end }}
