@@ -33,6 +33,9 @@ def register(
     @kopf.on.startup(registry=registry)
     async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False  # the reconciler posts its own, meaningful Events
+        # Serve the CRD and namespaces known at start-up; watching CRDs and namespaces for
+        # changes would need cluster-wide RBAC on both, for no use to this operator.
+        settings.scanning.disabled = True
         await controller.start()
 
     @kopf.on.cleanup(registry=registry)

@@ -88,6 +88,23 @@ def test_handlers_feed_the_controller_as_kopf_calls_them() -> None:
     assert controller.cache.get((api.API_VERSION, api.KIND, "ml", "d")) is None
 
 
+def test_startup_configures_kopf_for_least_privilege_and_own_events() -> None:
+    registry, controller = registered()
+    start = next(h.fn for h in registry._activities.get_all_handlers() if h.id.endswith("start"))
+    settings = kopf.OperatorSettings()
+
+    async def scenario() -> None:
+        await start(settings=settings)
+        try:
+            assert controller.leading.is_set()  # no elector: this process leads
+        finally:
+            await controller.stop()
+
+    asyncio.run(scenario())
+    assert settings.scanning.disabled  # no RBAC on namespaces/CRDs needed
+    assert not settings.posting.enabled
+
+
 def test_probes_report_leadership_and_queue() -> None:
     registry, controller = registered()
     probes = {
