@@ -34,14 +34,36 @@ def test_client_gets_the_engines_answer() -> None:
             server.close()
 
 
-def test_no_server_is_a_miss_after_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("retry_after_s", [3600.0, 0.0], ids=["quiet", "asks-again"])
+def test_unanswered_lookup_is_a_miss_then_quiet_for_a_while(
+    monkeypatch: pytest.MonkeyPatch, retry_after_s: float
+) -> None:
     monkeypatch.setattr(lookup, "LOOKUP_TIMEOUT_MS", 200)
-    client = LookupClient(str(uuid.uuid4()))
-    try:
-        assert client.lookup([1, 2, 3]) == 0
-        assert client.lookup([1, 2, 3]) == 0  # the socket was reset and still works
-    finally:
-        client.close()
+    monkeypatch.setattr(lookup, "RETRY_AFTER_S", retry_after_s)
+    config = LMCacheEngineConfig.from_mapping({"chunk_size": 16, "max_local_cpu_size": 0.01})
+    instance = str(uuid.uuid4())
+    client = LookupClient(instance)
+    with LMCacheEngine(config, SPEC, "lookup-test") as engine:
+        tokens = list(range(16))
+        engine.store(tokens, torch.ones(SPEC.shape(16)))
+        assert client.lookup(tokens) == 0  # rank 0 not up yet: a miss after the deadline
+        server = LookupServer(engine, instance)
+        try:
+            answer = client.lookup(tokens)
+        finally:
+            client.close()
+            server.close()
+    if retry_after_s:
+        assert answer == 0  # still quiet: rank 0 was not asked
+        assert not lookups_served(engine)
+    else:
+        assert answer == 16  # the reset socket reaches the new server
+        assert lookups_served(engine) == 1
+
+
+def lookups_served(engine: LMCacheEngine) -> float | None:
+    labels = {"model": "lookup-test", "rank": "0"}
+    return engine.metrics.registry.get_sample_value("lmcache_lookups_total", labels)
 
 
 def test_scheduler_in_another_process_asks_rank_0(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,9 @@ logger = logging.getLogger("lmcache")
 
 LOOKUP_TIMEOUT_MS = 5000
 """A lookup not answered within this is a miss (the worker may be busy starting up)."""
+RETRY_AFTER_S = 30.0
+"""After an unanswered lookup, answer misses without asking for this long, so an unreachable
+rank 0 (e.g. on another node) costs one timeout per period, not one per request."""
 
 
 def lookup_address(instance_id: str) -> str:
@@ -78,6 +82,7 @@ class LookupClient:
         self._address = lookup_address(instance_id)
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._socket = self._connect()
+        self._quiet_until = 0.0
 
     def _connect(self) -> zmq.Socket:
         sock = self._context.socket(zmq.REQ)
@@ -87,17 +92,22 @@ class LookupClient:
         return sock
 
     def lookup(self, tokens: Tokens) -> int:
+        if time.monotonic() < self._quiet_until:
+            return 0
         self._socket.send(as_token_bytes(tokens))
         try:
             reply = self._socket.recv()
         except zmq.Again:
             logger.warning(
-                "no lookup answer from worker rank 0 at %s within %d ms; treating as a miss",
+                "no lookup answer from worker rank 0 at %s within %d ms; lookups are misses "
+                "for the next %.0f s",
                 self._address,
                 LOOKUP_TIMEOUT_MS,
+                RETRY_AFTER_S,
             )
             self._socket.close()
             self._socket = self._connect()
+            self._quiet_until = time.monotonic() + RETRY_AFTER_S
             return 0
         return int.from_bytes(reply, "little")
 
