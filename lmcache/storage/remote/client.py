@@ -29,6 +29,7 @@ from lmcache.storage.remote.url import RemoteTarget
 _CRLF = b"\r\n"
 _READ_SIZE = 1 << 16
 _AUTH_ERRORS = ("NOAUTH", "WRONGPASS", "NOPERM")
+_MAX_LINE = 1 << 16
 
 
 class RemoteError(Exception):
@@ -98,6 +99,8 @@ class ReplyReader:
                 out = bytes(self._buf[self._pos : end])
                 self._pos = end + 2
                 return out
+            if len(self._buf) - self._pos > _MAX_LINE:
+                raise RemoteError("protocol error: reply line too long (not a RESP server?)")
             self._fill()
 
     def read_into(self, dest: memoryview) -> None:
@@ -131,16 +134,18 @@ class ReplyReader:
         return kind, rest
 
     def integer(self) -> int:
-        kind, rest = self.reply_head()
-        if kind != ":":
-            raise RemoteError(f"protocol error: expected an integer, got {kind!r}")
-        return int(rest)
+        return self._number(":")
 
     def bulk_length(self) -> int:
         """Length of the bulk string that follows, or -1 for a missing key."""
+        return self._number("$")
+
+    def _number(self, expected: str) -> int:
         kind, rest = self.reply_head()
-        if kind != "$":
-            raise RemoteError(f"protocol error: expected a bulk string, got {kind!r}")
+        if kind != expected or not rest.lstrip(b"-").isdigit():
+            raise RemoteError(
+                f"protocol error: expected {expected}<number>, got {kind}{rest[:40]!r}"
+            )
         return int(rest)
 
 
