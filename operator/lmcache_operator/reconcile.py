@@ -22,6 +22,10 @@ class ReconcileError(Exception):
     """The reconcile could not finish (the API server refused a write); retry later."""
 
 
+class OwnershipConflict(Exception):
+    """A child's name is taken by an object this deployment does not control."""
+
+
 def label_selector(owner: Owner) -> str:
     """The string form the scale subresource (and an HPA) reads from status.selector."""
     return ",".join(f"{k}={v}" for k, v in sorted(selector(owner, VLLM).items()))
@@ -62,7 +66,7 @@ class Reconciler:
         apply_error = None
         try:
             self._apply(body, owner, rendered)
-        except ApiError as e:
+        except (ApiError, OwnershipConflict) as e:
             apply_error = str(e)
         self._publish(
             body,
@@ -98,28 +102,50 @@ class Reconciler:
         return base64.b64decode(stored).decode() if stored else valkey.new_password()
 
     def _apply(self, body: Body, owner: Owner, rendered: bundle.Bundle) -> None:
-        changed = []
+        changed: list[str] = []
         wanted = set()
-        for manifest in rendered.manifests:
-            desired = diff.with_applied_hash(manifest)
-            wanted.add(key_of(desired))
-            live = self._get(
-                desired["apiVersion"], desired["kind"], owner, desired["metadata"]["name"]
-            )
-            if diff.up_to_date(live, desired):
-                continue
+        try:
+            for manifest in rendered.manifests:
+                desired = diff.with_applied_hash(manifest)
+                wanted.add(key_of(desired))
+                kind, name = desired["kind"], desired["metadata"]["name"]
+                live = self._get(desired["apiVersion"], kind, owner, name)
+                if live is not None and not _controlled_by(live, owner.uid):
+                    raise OwnershipConflict(
+                        f"{kind}/{name} exists and is not controlled by this {api.KIND}; "
+                        "rename or delete it (the operator never adopts objects)"
+                    )
+                if diff.up_to_date(live, desired):
+                    continue
+                self._write(desired, live)
+                metrics.APPLIES.labels(kind=kind).inc()
+                changed.append(f"{kind}/{name}")
+            # Children we made for an earlier spec (say, Valkey since disabled) go away now.
+            for child in self.cluster.owned(owner.uid):
+                key = key_of(child)
+                if (
+                    key[:2] in CHILD_KINDS
+                    and key not in wanted
+                    and _controlled_by(child, owner.uid)
+                ):
+                    self.cluster.delete(*key)
+                    changed.append(f"deleted {key[1]}/{key[3]}")
+        finally:
+            if changed:
+                log.info("%s/%s: %s", owner.namespace, owner.name, ", ".join(changed))
+                self.cluster.event(body, "Normal", "Applied", "; ".join(changed))
+
+    def _write(self, desired: Body, live: Body | None) -> None:
+        """Apply; a StatefulSet refused for an immutable field (volumeClaimTemplates) is
+        replaced: it only holds the Valkey cache, and a new size or class needs new volumes."""
+        try:
             self.cluster.apply(desired)
-            metrics.APPLIES.labels(kind=desired["kind"]).inc()
-            changed.append(f"{desired['kind']}/{desired['metadata']['name']}")
-        # Children we made for an earlier spec (say, Valkey since disabled) go away now.
-        for child in self.cluster.owned(owner.uid):
-            key = key_of(child)
-            if key[:2] in CHILD_KINDS and key not in wanted and _controlled_by_us(child):
-                self.cluster.delete(*key)
-                changed.append(f"deleted {key[1]}/{key[3]}")
-        if changed:
-            log.info("%s/%s: %s", owner.namespace, owner.name, ", ".join(changed))
-            self.cluster.event(body, "Normal", "Applied", "; ".join(changed))
+        except ApiError as e:
+            if e.status != 422 or desired["kind"] != "StatefulSet" or live is None:
+                raise
+            log.info("replacing %s: %s", desired["metadata"]["name"], e)
+            self.cluster.delete(*key_of(desired))
+            self.cluster.apply(desired)
 
     def _capacity(self, spec: spec_mod.Spec) -> capacity.Verdict | None:
         nodes = self.cluster.nodes()
@@ -137,9 +163,6 @@ class Reconciler:
             self.cluster.event(body, t.type, t.reason, t.message)
 
 
-def _controlled_by_us(child: Mapping[str, Any]) -> bool:
-    labels = child["metadata"].get("labels") or {}
+def _controlled_by(child: Mapping[str, Any], uid: str) -> bool:
     refs = child["metadata"].get("ownerReferences") or []
-    return labels.get(api.LABEL_MANAGED_BY) == api.MANAGED_BY and any(
-        r.get("kind") == api.KIND and r.get("controller") for r in refs
-    )
+    return any(r.get("uid") == uid and r.get("controller") for r in refs)

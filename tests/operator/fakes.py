@@ -122,7 +122,7 @@ class FakeCluster:
         self.writes: list[tuple[str, str, str]] = []
         self.events: list[tuple[str, str, str]] = []
         self.node_list = nodes
-        self.fail_apply: ApiError | None = None
+        self.fail_apply: dict[str, list[ApiError]] = {}  # by kind, raised once each
         self._rv = itertools.count(100)
 
     # Cluster protocol
@@ -138,8 +138,8 @@ class FakeCluster:
         ]
 
     def apply(self, manifest: Body) -> Body:
-        if self.fail_apply:
-            raise self.fail_apply
+        if self.fail_apply.get(manifest["kind"]):
+            raise self.fail_apply[manifest["kind"]].pop(0)
         key = key_of(manifest)
         old = self.objects.get(key)
         new = copy.deepcopy(manifest)

@@ -283,7 +283,7 @@ def test_unreadable_nodes_make_the_condition_unknown() -> None:
 
 def test_apply_failure_is_degraded_and_retried(cluster: FakeCluster) -> None:
     create(cluster, {})
-    cluster.fail_apply = ApiError(422, "PATCH", "/x", "field is immutable")
+    cluster.fail_apply = {"ConfigMap": [ApiError(422, "PATCH", "/x", "field is immutable")]}
     with pytest.raises(ReconcileError, match="immutable"):
         reconciler(cluster).reconcile("ml", "demo")
     degraded = condition(cluster, "Degraded")
@@ -342,3 +342,34 @@ def test_a_new_deployment_is_not_a_warning_but_an_invalid_one_is_once(
     reconciler(other).reconcile("ml", "demo")
     warnings = [r_ for t, r_, _ in other.events if t == "Warning"]
     assert warnings.count("InvalidSpec") == 1
+
+
+def test_a_foreign_object_with_a_childs_name_is_never_adopted(cluster: FakeCluster) -> None:
+    cluster.add(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "demo", "namespace": "ml"},
+            "spec": {"type": "NodePort"},
+        }
+    )
+    create(cluster, {})
+    with pytest.raises(ReconcileError, match="Service/demo exists and is not controlled"):
+        reconciler(cluster).reconcile("ml", "demo")
+    assert cluster.find("Service", "demo")["spec"] == {"type": "NodePort"}
+    assert condition(cluster, "Degraded")["reason"] == "ApplyFailed"
+    # What was applied before the conflict is reported.
+    assert any(r_ == "Applied" for _, r_, _ in cluster.events)
+
+
+def test_immutable_statefulset_change_replaces_the_valkey_server(cluster: FakeCluster) -> None:
+    create(cluster, {"valkey": {"enabled": True}})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    create(cluster, {"valkey": {"enabled": True, "persistence": {"enabled": True}}}, generation=2)
+    cluster.fail_apply = {"StatefulSet": [ApiError(422, "PATCH", "/x", "spec: Forbidden")]}
+    cluster.writes.clear()
+    r.reconcile("ml", "demo")
+    assert ("delete", "StatefulSet", "demo-valkey") in cluster.writes
+    sts = cluster.find("StatefulSet", "demo-valkey")
+    assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
