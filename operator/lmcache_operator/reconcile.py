@@ -54,7 +54,7 @@ class Reconciler:
                 body,
                 status.Observed(
                     generation=body["metadata"].get("generation", 0),
-                    replicas=int(raw.get("replicas", 1) or 0),
+                    replicas=raw["replicas"] if isinstance(raw.get("replicas"), int) else 1,
                     config_error="; ".join(errors),
                     deployment=self._get("apps/v1", "Deployment", owner, owner.name),
                     selector=label_selector(owner),

@@ -373,3 +373,14 @@ def test_immutable_statefulset_change_replaces_the_valkey_server(cluster: FakeCl
     assert ("delete", "StatefulSet", "demo-valkey") in cluster.writes
     sts = cluster.find("StatefulSet", "demo-valkey")
     assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+
+
+def test_wrong_types_without_the_crd_schema_are_invalid_not_a_crash(
+    cluster: FakeCluster,
+) -> None:
+    body = custom_resource({"model": "m"})
+    body["spec"]["replicas"] = "two"  # as if the CRD were older than the operator
+    cluster.add(body)
+    reconciler(cluster).reconcile("ml", "demo")
+    assert "spec.replicas: expected int" in condition(cluster, "ConfigValid")["message"]
+    assert cluster.kinds() == []
