@@ -150,27 +150,34 @@ def test_abort_mid_load_releases_pins(rig_factory: RigFactory, lmcache_log: list
     assert "r2" not in rig.scheduler.requests
 
 
+@pytest.mark.parametrize("kept_chunks", [0, 2], ids=["nothing-left", "prefix-left"])
 def test_failed_load_reports_blocks_and_vllm_recomputes(
-    rig_factory: RigFactory, lmcache_log: list[str]
+    rig_factory: RigFactory, lmcache_log: list[str], kept_chunks: int
 ) -> None:
     chunk_bytes = CHUNK * LAYERS * 2 * HEADS * HEAD_SIZE * 4
     rig: Rig = rig_factory({"lmcache.max_local_cpu_size": 6 * chunk_bytes / (1 << 30)})
-    tokens = prompt(150)
+    tokens = prompt(150)  # 5 chunks: 4 full and a 22-token tail
     serve_then_evict(rig, "r1", tokens)
     rig.add("r2", tokens)
     output = rig.schedule()
     assert output.scheduled_new_reqs[0].num_computed_tokens == 149
 
-    # As on a TP rank whose cache lost the chunks after the lookup: unpinned, then evicted.
+    # As on a TP rank whose cache lost chunks after the lookup: unpinned, then evicted. The
+    # first ``kept_chunks`` are used last of all, so eviction spares them.
     rig.shared.pins.drop("r2")
-    other = prompt(6 * CHUNK, seed=9)
     engine = rig.shared.engine
+    keys = [c.key for c in engine.chunks(tokens)]
+    for buffer in engine.storage.pin_cpu_prefix(keys[:kept_chunks]):
+        engine.storage.release(buffer)
+    other = prompt((6 - kept_chunks) * CHUNK, seed=9)
     engine.store(other, torch.zeros(engine.spec.shape(len(other))))
-    assert engine.lookup(tokens) == 0
+    kept = kept_chunks * CHUNK
+    assert engine.lookup(tokens) == kept
 
     rig.scheduler.update_from_output(output, rig.execute(output))
-    assert rig.load_errors[-1] == set(rig.blocks["r2"][: -(-149 // BLOCK)])
-    assert rig.scheduler.requests["r2"].num_computed_tokens == 0
+    failed = rig.blocks["r2"][kept // BLOCK : -(-149 // BLOCK)]
+    assert rig.load_errors[-1] == set(failed)
+    assert rig.scheduler.requests["r2"].num_computed_tokens == kept  # vLLM recomputes the rest
     rig.run()
     rig.check("r2", 0, 150)
 
