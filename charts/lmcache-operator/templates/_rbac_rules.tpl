@@ -14,6 +14,11 @@ needs list/watch on all Secrets of the namespace: RBAC cannot filter by label.
 - apiGroups: ["serving.lmcache-kube.io"]
   resources: ["lmcachedeployments/status"]
   verbs: ["get", "patch"]
+# Children carry blockOwnerDeletion; where the OwnerReferencesPermissionEnforcement admission
+# plugin is on (OpenShift, hardened clusters), setting it needs this.
+- apiGroups: ["serving.lmcache-kube.io"]
+  resources: ["lmcachedeployments/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
