@@ -59,6 +59,9 @@ class RemoteTarget:
             "username": self.username,
             "password": self.password,
             "socket_timeout": timeout_s,
+            # No CLIENT SETINFO round trips on connect: a new connection costs AUTH/SELECT only.
+            "lib_name": None,
+            "lib_version": None,
         }
         if self.scheme == "unix":
             return {**common, "connection_class": UnixDomainSocketConnection, "path": self.path}
