@@ -1,8 +1,9 @@
 """A real vLLM ``Scheduler`` and real worker-side connector around CPU paged KV tensors.
 
-The rig plays vLLM's model runner: it binds the scheduler's connector metadata to the worker
-connector, calls ``start_load_kv``, writes the KV the model would compute for the scheduled
-tokens, calls ``wait_for_save``, and feeds load errors back through ``update_from_output``.
+The rig plays vLLM's model runner: inside vLLM's own ``KVConnectorModelRunnerMixin``
+lifecycle (bind metadata, ``start_load_kv``, forward, ``wait_for_save``, load errors) it writes
+the KV the model would compute for the scheduled tokens, and it feeds the connector output back
+through the scheduler's ``update_from_output``.
 The KV of a token is a pure function of (token id, position), so after every step each
 computed token's KV, loaded or computed, can be checked slot for slot. The model itself
 is a ``config.json`` only: no weights are needed, and nothing is downloaded.
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,11 +36,13 @@ from vllm.config import (
     SchedulerConfig,
     VllmConfig,
 )
+from vllm.distributed.kv_transfer import kv_transfer_state
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorRole,
 )
+from vllm.forward_context import set_forward_context
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -49,9 +53,10 @@ from vllm.v1.kv_cache_interface import (
     KVCacheConfig,
     KVCacheGroupSpec,
 )
-from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
+from vllm.v1.worker.kv_connector_model_runner_mixin import KVConnectorModelRunnerMixin
 
 from lmcache.integration.vllm.paged import PagedLayout
 from lmcache.integration.vllm.shared import SharedEngine, find
@@ -164,6 +169,18 @@ def model_kv(token: int, position: int, layer: int, like: torch.Tensor) -> torch
     return (pattern + base).view(like.shape)
 
 
+@contextmanager
+def worker_agent(connector: KVConnectorBase_V1) -> Iterator[None]:
+    """Make ``connector`` the process's worker-side connector, as vLLM's
+    ``ensure_kv_transfer_initialized`` does in a worker (which needs a TP group)."""
+    previous = kv_transfer_state._KV_CONNECTOR_AGENT
+    kv_transfer_state._KV_CONNECTOR_AGENT = connector
+    try:
+        yield
+    finally:
+        kv_transfer_state._KV_CONNECTOR_AGENT = previous
+
+
 @pytest.fixture
 def lmcache_log() -> Iterator[list[str]]:
     """The ``lmcache`` logger's messages (it does not propagate to the root logger)."""
@@ -235,22 +252,24 @@ class Rig:
         return output
 
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
-        """The model runner's part of a step; returns its output for ``update_from_output``."""
-        assert output.kv_connector_metadata is not None
-        self.worker.bind_connector_metadata(output.kv_connector_metadata)
-        self.worker.start_load_kv(None)  # type: ignore[arg-type]
+        """The model runner's part of a step, inside vLLM's own connector lifecycle
+        (``KVConnectorModelRunnerMixin``: bind, start_load_kv, forward, wait_for_save,
+        load errors, events, clear); returns the output for ``update_from_output``."""
         starts = {new.req_id: new.num_computed_tokens for new in output.scheduled_new_reqs}
         cached = output.scheduled_cached_reqs
         starts.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
-        for req_id, start in starts.items():
-            for layer_name in self.layers:
-                self.worker.wait_for_layer_load(layer_name)
-            self.compute(req_id, start, start + output.num_scheduled_tokens[req_id])
-        self.worker.wait_for_save()
-        errors = self.worker.get_block_ids_with_load_errors()
-        assert self.worker.get_kv_connector_kv_cache_events() is None
-        self.worker.clear_connector_metadata()
-        self.load_errors.append(errors)
+        with (
+            worker_agent(self.worker),
+            set_forward_context(None, self.scheduler.vllm_config),
+            KVConnectorModelRunnerMixin.maybe_get_kv_connector_output(output) as kv_output,
+        ):
+            for req_id, start in starts.items():
+                for layer_name in self.layers:  # as each attention layer does on entry
+                    self.worker.wait_for_layer_load(layer_name)
+                self.compute(req_id, start, start + output.num_scheduled_tokens[req_id])
+        assert kv_output is not None
+        assert kv_output.kv_cache_events is None
+        self.load_errors.append(set(kv_output.invalid_block_ids))
         req_ids = list(output.num_scheduled_tokens)
         sampled = [
             [7] if starts[r] + output.num_scheduled_tokens[r] >= len(self.tokens(r)) else []
@@ -263,7 +282,7 @@ class Rig:
             logprobs=None,
             prompt_logprobs_dict={},
             pooler_output=None,
-            kv_connector_output=KVConnectorOutput(invalid_block_ids=errors),
+            kv_connector_output=kv_output,
         )
 
     def step(self) -> SchedulerOutput:
