@@ -172,6 +172,7 @@ class LMCacheEngine:
         self._closed = True
         self._prefetcher.shutdown(wait=True, cancel_futures=True)
         self.storage.close()
+        self.metrics.close()
 
     def __enter__(self) -> LMCacheEngine:
         return self

@@ -6,6 +6,8 @@ from colliding; ``metrics_port`` serves it over HTTP.
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -16,6 +18,7 @@ class EngineMetrics:
 
     def __init__(self, labels: dict[str, str]) -> None:
         self.registry = CollectorRegistry()
+        self._server: WSGIServer | None = None
         names = sorted(labels)
         self._labels = labels
         r = self.registry
@@ -67,7 +70,14 @@ class EngineMetrics:
         return metric.labels(*[self._labels[k] for k in sorted(self._labels)], *extra)
 
     def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+        """Expose the registry on ``port`` until :meth:`close`."""
+        self._server, _ = start_http_server(port, registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
 
     def value(self, name: str, **extra: str) -> float:
         """Current value of a sample, for tests and the CLI (0 when never touched)."""
