@@ -19,7 +19,17 @@ from e2e.cluster import REPO, NodeShape
 from e2e.kube import WRITE_VERBS, Cluster, Kube, Obj, audit_events, condition, is_true, wait_for
 from e2e.operator_proc import OperatorProcess, Release
 
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+def lmcd_docs(path: Path) -> list[Obj]:
+    """The LMCacheDeployments in a YAML file (examples/ also holds engine configs, GitOps apps)."""
+    try:
+        docs = list(yaml.safe_load_all(path.read_text()))
+    except yaml.YAMLError:
+        return []
+    return [d for d in docs if isinstance(d, dict) and d.get("kind") == lmcd.KIND]
+
+
+EXAMPLES = [p for p in sorted((REPO / "examples").rglob("*.yaml")) if lmcd_docs(p)]
 VALKEY_KINDS = [
     ("apps/v1", "StatefulSet"),
     ("v1", "Service"),
@@ -104,12 +114,15 @@ def example_prerequisites(k8s: Kube, namespace: str) -> None:
         k8s.create({**secret, "stringData": data}, namespace)
 
 
+def test_there_are_examples() -> None:
+    assert EXAMPLES, f"no {lmcd.KIND} under examples/"
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_becomes_ready_on_gpu_nodes(
     k8s: Kube, operator: OperatorProcess, namespace: str, fake_nodes: list[NodeShape], path: Path
 ) -> None:
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == lmcd.KIND]
-    assert docs, f"{path} has no {lmcd.KIND}"
+    docs = lmcd_docs(path)
     example_prerequisites(k8s, namespace)
     gpu_nodes = {s.name for s in fake_nodes if s.gpus}
     for doc in docs:
@@ -126,9 +139,13 @@ def test_example_becomes_ready_on_gpu_nodes(
         ):
             obj = k8s.get(api_version, kind, child, namespace)
             assert obj and lmcd.owned_by(obj, cr), f"{kind} {child} missing or not owned by {name}"
+        spec = cr["spec"]
+        gpus = spec["resources"].get("gpus") or spec["vllm"]["tensorParallelSize"]
         pods = pods_of(k8s, name, namespace)
         assert len(pods) == replicas
         for pod in pods:
+            requests = vllm_container(pod["spec"])["resources"]["requests"]
+            assert requests["nvidia.com/gpu"] == str(gpus), requests
             assert pod["status"]["phase"] == "Running"
             assert is_true(pod, "Ready")
             assert pod["spec"]["nodeName"] in gpu_nodes, (
@@ -410,6 +427,17 @@ def test_killed_mid_reconcile_converges_without_duplicates_then_idles(
     audit_log = kube.audit_log
     if audit_log is None:
         pytest.skip("the idle-write count needs the local control plane's audit log")
+    # Idle means nothing changes: earlier tests' namespaces must be gone first (their teardown
+    # deletes CRs and children, which the operator rightly reacts to).
+    wait_for(
+        "no namespace Terminating",
+        lambda: (
+            not [
+                n for n in k8s.items("v1", "Namespace") if n["status"].get("phase") == "Terminating"
+            ]
+        ),
+        timeout=180,
+    )
     # Idle: a window of 60 s with nothing changing, long enough to span the operator's resync.
     # Lease renewals (leader election's heartbeat) are writes by design and are not counted.
     start = len(audit_events(audit_log))
@@ -417,7 +445,8 @@ def test_killed_mid_reconcile_converges_without_duplicates_then_idles(
 
     def writes(events: list[Obj]) -> list[str]:
         return [
-            f"{e['verb']} {e['objectRef'].get('resource')}/{e['objectRef'].get('name')}"
+            f"{e['verb']} {e['objectRef'].get('namespace')}/{e['objectRef'].get('resource')}/"
+            f"{e['objectRef'].get('name')} -> {e['responseStatus'].get('code')}"
             for e in events
             if e["verb"] in WRITE_VERBS and e["objectRef"].get("resource") != "leases"
         ]
