@@ -17,13 +17,57 @@ cache="${E2E_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lmcache-kube/e2e-tools
 bin="${E2E_BIN:-$repo/.e2e/bin}"
 mkdir -p "$cache" "$bin"
 
-export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod
+export CGO_ENABLED=0 GOFLAGS=-mod=mod
+proxy="${GOPROXY_URL:-https://proxy.golang.org}"
 
 # Two `make e2e-tools` at once (two checkouts, two engineers) share the cache: take turns.
 exec 9>"$cache/.lock"
 flock 9
 
 log() { printf '[e2e-tools %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+
+# The pinned Go. A go >= 1.21 on PATH switches to it by itself (GOTOOLCHAIN: fetched from the module
+# proxy and verified against the checksum database). Without one (Debian's golang-go is 1.19),
+# fetch the same golang.org/toolchain module zip and check it against the pinned sha256.
+# Only called when something must be built: a full cache hit needs no Go at all.
+go_ready=0
+ensure_go() {
+  ((go_ready)) && return 0
+  go_ready=1
+  export GOTOOLCHAIN="go$GO_VERSION"
+  local have oldest
+  have=$(GOTOOLCHAIN=local go env GOVERSION 2>/dev/null || true)
+  oldest=$(printf '%s\n' "${have#go}" 1.21 | sort -V | head -1)
+  if [[ -n $have && $oldest == 1.21 ]]; then
+    return 0
+  fi
+  local arch dir="$cache/go-$GO_VERSION" want zip
+  arch=$(uname -m | sed 's/x86_64/amd64/; s/aarch64/arm64/')
+  if [[ ! -x $dir/bin/go ]]; then
+    want="GO_TOOLCHAIN_SHA256_LINUX_${arch^^}"
+    [[ -n ${!want:-} ]] || { log "no Go >= 1.21 on PATH and no $want in versions.env"; exit 1; }
+    zip="$dir.zip"
+    log "fetching Go $GO_VERSION (golang.org/toolchain module) from $proxy"
+    curl -fsSL -o "$zip" "$proxy/golang.org/toolchain/@v/v0.0.1-go$GO_VERSION.linux-$arch.zip"
+    echo "${!want}  $zip" | sha256sum -c --quiet -
+    python3 - "$zip" "$dir.tmp" <<'PY'
+import os, sys, zipfile
+src, dst = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(src) as z:
+    for info in z.infolist():
+        rel = info.filename.split("/", 2)[2]  # drop "golang.org/toolchain@v0.0.1-go…/"
+        if not rel or info.is_dir():
+            continue
+        out = os.path.join(dst, rel)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with z.open(info) as f, open(out, "wb") as g:
+            g.write(f.read())
+        os.chmod(out, (info.external_attr >> 16) & 0o777 or 0o644)
+PY
+    rm -rf "$dir" && mv "$dir.tmp" "$dir" && rm -f "$zip"
+  fi
+  export PATH="$dir/bin:$PATH" GOTOOLCHAIN=local
+}
 
 # have TOOL VERSION -> true when the cached binary exists
 have() { [[ -x "$cache/$1-$2/$1" ]]; }
@@ -56,11 +100,12 @@ build_kubernetes() {
   local tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl) t missing=0
   for t in "${tools[@]}"; do have "$t" "$v" || missing=1; done
   ((missing)) || return 0
+  ensure_go
   local dir="$cache/.wrapper-kubernetes-$v"
   wrapper_module "$dir" k8s.io/kubernetes "$v"
   # Every staging replace of the tag's go.mod ("k8s.io/x => ./staging/src/k8s.io/x") becomes
   # "k8s.io/x => k8s.io/x v0.<minor>": the staging modules are published under that tag.
-  curl -fsSL "${GOPROXY_URL:-https://proxy.golang.org}/k8s.io/kubernetes/@v/$v.mod" |
+  curl -fsSL "$proxy/k8s.io/kubernetes/@v/$v.mod" |
     sed -nE "s#^[[:space:]]*(k8s\.io/[^[:space:]]+) => \./staging/src/.*#replace \1 => \1 v0.$minor#p" \
       >>"$dir/go.mod"
   grep -q '^replace k8s.io/api ' "$dir/go.mod" || { log "no staging replaces found for $v"; exit 1; }
@@ -84,6 +129,7 @@ build_module() {
   local pair missing=0
   for pair in "$@"; do have "${pair%%=*}" "$version" || missing=1; done
   ((missing)) || return 0
+  ensure_go
   local dir="$cache/.wrapper-$name-$version"
   wrapper_module "$dir" "$module" "$version"
   build_pairs "$dir" "$version" "$ldflags" "$@"
@@ -95,8 +141,10 @@ build_module() {
 kwok_stages() {
   local out="$cache/kwok-stages-$KWOK_VERSION/kwok-stages.yaml"
   [[ -s $out ]] && return 0
-  local src f
-  src=$(cd "$cache/.wrapper-kwok-$KWOK_VERSION" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
+  ensure_go
+  local src f dir="$cache/.wrapper-kwok-$KWOK_VERSION"
+  [[ -f $dir/go.mod ]] || wrapper_module "$dir" sigs.k8s.io/kwok "$KWOK_VERSION"
+  src=$(cd "$dir" && go mod download sigs.k8s.io/kwok && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
   mkdir -p "$(dirname "$out")"
   for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
     pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
