@@ -268,3 +268,23 @@ def test_cuda_paged_cache_end_to_end(
     assert lookup_line("r2", 150, 150, 149) in lmcache_log
     assert rig.shared.engine.storage.pool.pinned
     rig.check("r2", 0, 150)
+
+
+def test_reregistered_kv_caches_keep_the_engine(rig_factory: RigFactory) -> None:
+    rig: Rig = rig_factory()
+    tokens = prompt(90)
+    serve_then_evict(rig, "r1", tokens)
+    engine = rig.shared.engine
+    fresh = {name: torch.full_like(paged, -1) for name, paged in rig.layers.items()}
+    rig.worker.register_kv_caches(fresh)  # new tensors, same geometry
+    rig.layers = fresh
+    assert rig.shared.engine is engine
+    rig.add("r2", tokens)
+    rig.run()
+    rig.check("r2", 0, 90)  # loaded into the new tensors
+    with pytest.raises(ValueError, match="same geometry"):
+        rig.worker.register_kv_caches({n: p[..., :4] for n, p in fresh.items()})
+    rig.evict_gpu()
+    rig.add("r3", tokens)
+    rig.run()
+    rig.check("r3", 0, 90)  # the refused tensors were not taken

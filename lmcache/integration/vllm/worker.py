@@ -53,10 +53,17 @@ class WorkerConnector:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Build this rank's engine for the KV geometry vLLM allocated (and, by now, with
         vLLM's parallel groups set up, for this rank's shard)."""
-        self.rank, self.world_size = settings.shard(self.vllm_config)
         cache = PagedKVCache(list(kv_caches.values()))
+        if self.shared is not None and cache.spec != self.shared.engine.spec:
+            raise ValueError(
+                f"re-registered KV caches have geometry {cache.spec}, the engine was built "
+                f"for {self.shared.engine.spec}; allowed: the same geometry"
+            )
         self._layers = {name: i for i, name in enumerate(kv_caches)}
         self.transfer = PagedTransfer(cache)
+        if self.shared is not None:  # re-registered (e.g. after vLLM's sleep mode): keep KV
+            return
+        self.rank, self.world_size = settings.shard(self.vllm_config)
         engine = LMCacheEngine(
             self.config,
             cache.spec,
