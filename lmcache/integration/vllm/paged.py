@@ -3,8 +3,8 @@
 A slot id is ``block_id * block_size + offset``, vLLM's own slot mapping. Each layer's paged
 tensor is indexed with (block, offset) pairs, so any stride order (NHD or HND) works without
 a copy of the cache. On CUDA all copies run on one dedicated stream into or out of pinned
-pool slots with ``non_blocking=True``; loads record one event per layer so each attention
-layer waits only for its own KV. On CPU tensors the same code runs synchronously (tests).
+pool slots with ``non_blocking=True``; a layer-wise load records one event per layer so each
+attention layer waits only for its own KV. On CPU tensors the same code runs synchronously.
 """
 
 from __future__ import annotations
