@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,11 +31,29 @@ def _is_ours(path: str) -> bool:
     return Path(path).resolve() == local.KUBECONFIG.resolve() and local.running() is not None
 
 
+def _one_file(kubeconfig: str) -> Path:
+    """A `KUBECONFIG` list (a:b) merged into one file: kubectl and helm get `--kubeconfig=`."""
+    if os.pathsep not in kubeconfig:
+        return Path(kubeconfig)
+    merged = subprocess.run(
+        [str(local.BIN / "kubectl"), "config", "view", "--raw", "--flatten"],
+        env={**os.environ, "KUBECONFIG": kubeconfig},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path = local.E2E_DIR / "external.kubeconfig"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(merged)
+    path.chmod(0o600)
+    return path
+
+
 @pytest.fixture(scope="session")
 def kube() -> Iterator[Cluster]:
     user = os.environ.get("KUBECONFIG")
     if user and not _is_ours(user):
-        yield Cluster(Path(user), local=False)
+        yield Cluster(_one_file(user), local=False)
         return
     if local.running() is not None:
         yield Cluster(local.KUBECONFIG, local=True)
