@@ -1,8 +1,8 @@
 """kopf wiring: watch streams feed the controller; kopf also serves the health endpoint.
 
-Only `on.event` handlers are used, on purpose: they need no finalizer and kopf writes
-nothing to the objects (no progress annotations), so deleting a deployment never waits for
-the operator and an unchanged cluster sees no writes at all.
+Only watch (`on.event`) and index handlers are used, on purpose: they need no finalizer and
+kopf writes nothing to the objects (no progress annotations), so deleting a deployment never
+waits for the operator and an unchanged cluster sees no writes at all.
 """
 
 from __future__ import annotations
