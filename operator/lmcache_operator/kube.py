@@ -101,8 +101,11 @@ class Cache:
         self._items: dict[tuple[str, str, str, str], Body] = {}
 
     def put(self, body: Mapping[str, Any]) -> None:
+        """Stores a copy without managedFields: often most of an object, and never compared."""
+        stored = dict(body)
+        stored["metadata"] = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
         with self._lock:
-            self._items[key_of(body)] = dict(body)
+            self._items[key_of(stored)] = stored
 
     def drop(self, body: Mapping[str, Any]) -> None:
         with self._lock:

@@ -228,3 +228,13 @@ def test_only_the_leader_reconciles() -> None:
             await ctl.stop()
 
     asyncio.run(scenario())
+
+
+def test_cache_drops_managed_fields() -> None:
+    cache = Cache()
+    body = child("a")
+    body["metadata"]["managedFields"] = [{"manager": "kubectl"}]
+    cache.put(body)
+    stored = cache.get(("apps/v1", "Deployment", "ml", "a"))
+    assert stored is not None and "managedFields" not in stored["metadata"]
+    assert "managedFields" in body["metadata"]  # the caller's object is untouched
