@@ -15,13 +15,17 @@ The target (ratio >= 0.8 of raw) applies to the tier; the engine ratios are repo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import statistics
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import valkey
-from bench_engine import GIB, LLAMA_8B, timed
+from bench_engine import GIB, LLAMA_8B
 
 from lmcache import LMCacheEngine, LMCacheEngineConfig
 from lmcache.memory.pool import ChunkBuffer, MemoryPool
@@ -33,9 +37,25 @@ from lmcache.storage.remote.devserver import RedisServer
 TARGET = 0.8
 
 
-def raw_client_times(server: RedisServer, values: list[bytes], repeat: int) -> dict[str, float]:
-    """The plain client's SET and GET times for ``values``, sequential and pipelined."""
-    client = valkey.Valkey(host="127.0.0.1", port=server.port)
+Ops = dict[str, Callable[[], object]]
+
+
+def interleaved(ops: Ops, repeat: int) -> dict[str, float]:
+    """Median wall time of each op, the ops taking turns in every round (after one warm-up
+    round, in order) so that load drifting on a shared machine hits them all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in ops}
+    for fn in ops.values():
+        fn()
+    for _ in range(repeat):
+        for name, fn in ops.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def raw_client_ops(client: valkey.Valkey, values: list[bytes]) -> Ops:
+    """The plain client's SET and GET of ``values``, sequential and pipelined."""
     keys = [f"raw-{i}" for i in range(len(values))]
 
     def set_each() -> None:
@@ -58,33 +78,33 @@ def raw_client_times(server: RedisServer, values: list[bytes], repeat: int) -> d
             pipe.get(key)
         assert len(pipe.execute()) == len(keys)
 
-    times = {
-        "set_each": timed(set_each, repeat),
-        "set_pipelined": timed(set_pipelined, repeat),
-        "get_each": timed(get_each, repeat),
-        "get_pipelined": timed(get_pipelined, repeat),
+    return {
+        "raw_set_each": set_each,
+        "raw_set_pipelined": set_pipelined,
+        "raw_get_each": get_each,
+        "raw_get_pipelined": get_pipelined,
     }
-    client.flushall()
-    client.close()
-    return times
 
 
-def tier_times(config: LMCacheEngineConfig, values: list[bytes], repeat: int) -> dict[str, float]:
-    """Put/get of the same payloads through the remote tier, slot to slot."""
+def tier_ops(
+    config: LMCacheEngineConfig, values: list[bytes], stack: contextlib.ExitStack
+) -> tuple[Ops, Callable[[], bool]]:
+    """Put/get of the same payloads through the remote tier, slot to slot; and a check that
+    the last get returned the bytes put."""
     pool = MemoryPool(config, LLAMA_8B)
+    stack.callback(pool.close)
     backend = create_remote_backend(config, LLAMA_8B, EngineMetrics({"model": "bench"}))
-    keys = [serde.decode_header(v).key for v in values]
+    stack.callback(backend.close)
+    headers = [serde.decode_header(v) for v in values]
+    keys = [h.key for h in headers]
     sources: list[ChunkBuffer] = []
-    for value in values:
-        buffer = pool.allocate(config.chunk_size)
-        assert buffer is not None
-        payload = torch.frombuffer(
-            bytearray(value[serde.decode_header(value).size :]), dtype=torch.uint8
-        )
-        buffer.raw().copy_(payload)
-        sources.append(buffer)
-    dests = [pool.allocate(config.chunk_size) for _ in values]
-    assert all(d is not None for d in dests)
+    dests: list[ChunkBuffer] = []
+    for value, header in zip(values, headers, strict=True):
+        source, dest = pool.allocate(config.chunk_size), pool.allocate(config.chunk_size)
+        assert source is not None and dest is not None
+        source.raw().copy_(torch.frombuffer(bytearray(value[header.size :]), dtype=torch.uint8))
+        sources.append(source)
+        dests.append(dest)
 
     def put() -> None:
         for key, buffer in zip(keys, sources, strict=True):
@@ -93,37 +113,35 @@ def tier_times(config: LMCacheEngineConfig, values: list[bytes], repeat: int) ->
 
     def get() -> None:
         assert backend.contains_prefix(keys) == len(keys)
-        assert backend.load_prefix(keys, dests) == len(keys)  # type: ignore[arg-type]
+        assert backend.load_prefix(keys, dests) == len(keys)
 
-    times = {"put": timed(put, repeat), "get": timed(get, repeat)}
-    assert all(torch.equal(s.raw(), d.raw()) for s, d in zip(sources, dests, strict=True))  # type: ignore[union-attr]
-    backend.close()
-    pool.close()
-    return times
+    def check() -> bool:
+        return all(torch.equal(s.raw(), d.raw()) for s, d in zip(sources, dests, strict=True))
+
+    return {"tier_put": put, "tier_get": get}, check
 
 
-def engine_times(config: LMCacheEngineConfig, kv: torch.Tensor, repeat: int) -> dict[str, float]:
+def engine_ops(
+    config: LMCacheEngineConfig, kv: torch.Tensor, stack: contextlib.ExitStack
+) -> tuple[Ops, Callable[[], bool]]:
+    """Store (a new prompt each time) + flush, and retrieve, with ``local_cpu: false``."""
+    engine = stack.enter_context(LMCacheEngine(config, LLAMA_8B, model_name="llama-3.1-8b"))
     num_tokens = kv.shape[2]
     out = torch.empty_like(kv)
     prompts = iter(range(1, 1_000_000))
-    with LMCacheEngine(config, LLAMA_8B, model_name="llama-3.1-8b") as engine:
+    tokens = list(range(num_tokens))
+    engine.store(tokens, kv)
+    assert engine.flush(60)
 
-        def put() -> None:
-            offset = next(prompts) * num_tokens
-            assert engine.store(list(range(offset, offset + num_tokens)), kv) == num_tokens
-            assert engine.flush(60)
-
-        tokens = list(range(num_tokens))
-
-        def get() -> None:
-            assert engine.retrieve(tokens, out=out)[0] == num_tokens
-
-        put_s = timed(put, repeat)
-        engine.store(tokens, kv)
+    def put() -> None:
+        offset = next(prompts) * num_tokens
+        assert engine.store(list(range(offset, offset + num_tokens)), kv) == num_tokens
         assert engine.flush(60)
-        get_s = timed(get, repeat)
-        assert torch.equal(out, kv)
-    return {"put": put_s, "get": get_s}
+
+    def get() -> None:
+        assert engine.retrieve(tokens, out=out)[0] == num_tokens
+
+    return {"engine_put": put, "engine_get": get}, lambda: torch.equal(out, kv)
 
 
 def encoded_chunks(config: LMCacheEngineConfig, kv: torch.Tensor) -> list[bytes]:
@@ -143,8 +161,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--chunks", type=int, default=8, help="256-token chunks per request")
     parser.add_argument("--chunk-size", type=int, default=256)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--timeout-ms", type=int, default=50, help="remote_timeout_ms")
+    parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument(
+        "--timeout-ms",
+        type=int,
+        default=1000,
+        help="remote_timeout_ms; generous: this measures throughput, tests/remote the deadlines",
+    )
     parser.add_argument("--out", type=Path, default=Path(".bench/remote.json"))
     args = parser.parse_args()
 
@@ -168,27 +191,33 @@ def main() -> None:
                 }
             )
             values = encoded_chunks(config, kv)
-            raw = raw_client_times(server, values, args.repeat)
-            tier = tier_times(config, values, args.repeat)
-            engine = engine_times(config, kv, args.repeat)
+            with contextlib.ExitStack() as stack:
+                client = valkey.Valkey(host="127.0.0.1", port=server.port)
+                stack.callback(client.close)
+                tier, tier_ok = tier_ops(config, values, stack)
+                engine, engine_ok = engine_ops(config, kv, stack)
+                times = interleaved(
+                    {**raw_client_ops(client, values), **tier, **engine}, args.repeat
+                )
+                assert tier_ok() and engine_ok(), "the bytes read back differ from those written"
         finally:
             server.stop()
 
-    raw_put = min(raw["set_each"], raw["set_pipelined"])
-    raw_get = min(raw["get_each"], raw["get_pipelined"])
+    raw_put = min(times["raw_set_each"], times["raw_set_pipelined"])
+    raw_get = min(times["raw_get_each"], times["raw_get_pipelined"])
     gbps = {
         "raw_put": nbytes / raw_put / 1e9,
         "raw_get": nbytes / raw_get / 1e9,
-        "tier_put": nbytes / tier["put"] / 1e9,
-        "tier_get": nbytes / tier["get"] / 1e9,
-        "engine_put": nbytes / engine["put"] / 1e9,
-        "engine_get": nbytes / engine["get"] / 1e9,
+        "tier_put": nbytes / times["tier_put"] / 1e9,
+        "tier_get": nbytes / times["tier_get"] / 1e9,
+        "engine_put": nbytes / times["engine_put"] / 1e9,
+        "engine_get": nbytes / times["engine_get"] / 1e9,
     }
     ratios = {
-        "tier_put": raw_put / tier["put"],
-        "tier_get": raw_get / tier["get"],
-        "engine_put": raw_put / engine["put"],
-        "engine_get": raw_get / engine["get"],
+        "tier_put": raw_put / times["tier_put"],
+        "tier_get": raw_get / times["tier_get"],
+        "engine_put": raw_put / times["engine_put"],
+        "engine_get": raw_get / times["engine_get"],
     }
     ok = ratios["tier_put"] >= TARGET and ratios["tier_get"] >= TARGET
     result = {
@@ -196,7 +225,7 @@ def main() -> None:
         "chunk_bytes": chunk_bytes,
         "request_bytes": nbytes,
         "remote_timeout_ms": args.timeout_ms,
-        "raw_client_seconds": raw,
+        "median_seconds": times,
         "gbps": gbps,
         "ratios_vs_raw_client": ratios,
         "target": f"tier_put and tier_get >= {TARGET}",

@@ -14,7 +14,7 @@ import torch
 from lmcache import LMCacheEngine, LMCacheEngineConfig
 from lmcache.storage.remote.devserver import RedisServer
 
-from .conftest import CHUNK, SPEC, pool_gb
+from .conftest import CHUNK, RELAXED_TIMEOUT_MS, SPEC, pool_gb
 from .test_failures import BOUND_S, wait_until
 
 MODEL = "shared-model"
@@ -32,7 +32,13 @@ def prompt(n: int, offset: int) -> list[int]:
 
 
 def new_engine(url: str, **config: Any) -> LMCacheEngine:
-    values = {"chunk_size": CHUNK, "max_local_cpu_size": pool_gb(64), "remote_url": url, **config}
+    values = {
+        "chunk_size": CHUNK,
+        "max_local_cpu_size": pool_gb(64),
+        "remote_url": url,
+        "remote_timeout_ms": RELAXED_TIMEOUT_MS,
+        **config,
+    }
     return LMCacheEngine(LMCacheEngineConfig.from_mapping(values), SPEC, model_name=MODEL)
 
 

@@ -17,8 +17,7 @@ LLAMA_CHUNK = 256
 
 
 def test_32_mib_values_round_trip(server: RedisServer, make_tier: Callable[..., Tier]) -> None:
-    # A generous deadline: this checks size handling, not speed (see make bench-remote).
-    tier = make_tier(server.url, spec=LLAMA_8B, chunk=LLAMA_CHUNK, slots=8, remote_timeout_ms=2000)
+    tier = make_tier(server.url, spec=LLAMA_8B, chunk=LLAMA_CHUNK, slots=8)
     keys = [f"llama@1@0@bfloat16@{i}" for i in range(3)]
     sent = [tier.buffer(LLAMA_CHUNK, i) for i in range(3)]
     assert sent[0].nbytes == 32 << 20
@@ -42,7 +41,7 @@ def test_many_keys_in_one_request(server: RedisServer, make_tier: Callable[..., 
 
 
 def test_concurrent_threads(server: RedisServer, make_tier: Callable[..., Tier]) -> None:
-    tier = make_tier(server.url, slots=400, remote_timeout_ms=1000)
+    tier = make_tier(server.url, slots=400)
     shared = [f"m@1@0@bfloat16@shared{i}" for i in range(10)]
     tier.write(shared, [tier.buffer(CHUNK, 10_000 + i) for i in range(10)])
 
