@@ -15,9 +15,8 @@ import os
 import platform
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +26,6 @@ from e2e.kube import WRITE_VERBS, Cluster, Kube, Obj, audit_events, is_true, wai
 from e2e.operator_proc import OperatorProcess, install_chart, uninstall_chart
 
 PAUSE = "registry.k8s.io/pause:3.10"
-
-
-@contextmanager
-def local_cluster() -> Iterator[Cluster]:
-    """A running `make e2e-up` cluster, else one started (and stopped) for the benchmark."""
-    if local.running() is not None:
-        yield Cluster(local.KUBECONFIG, local=True)
-        return
-    local.up()
-    try:
-        yield Cluster(local.KUBECONFIG, local=True)
-    finally:
-        local.down()
 
 
 def bench_nodes(count: int) -> list[local.NodeShape]:
@@ -159,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(".bench/operator.json"))
     args = parser.parse_args(argv)
 
-    with local_cluster() as kube:
-        k8s = Kube(kube.kubeconfig)
+    with local.session() as kubeconfig:
+        kube = Cluster(kubeconfig, local=True)
+        k8s = Kube(kubeconfig)
         existing = {n["metadata"]["name"] for n in k8s.items("v1", "Node")}
         local.add_nodes([s for s in bench_nodes(args.count) if s.name not in existing])
         floor = floor_seconds(k8s, args.count, args.timeout)

@@ -24,7 +24,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,30 +144,24 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float, interval: f
 # --- certificates -----------------------------------------------------------------------------
 
 
+EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+
 def make_pki(pki: Path) -> None:
     """A CA, the apiserver's serving cert, client certs per component, the service-account key."""
     pki.mkdir(parents=True)
-    run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "30",
-            "-subj",
-            "/CN=lmcache-e2e-ca",
-        ],
-        cwd=pki,
-    )
+    ca = [
+        "-x509",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=lmcache-e2e-ca",
+    ]
+    run(["openssl", "req", *EC_KEY, *ca], cwd=pki)
     sans = ["IP:127.0.0.1", "IP:10.96.0.1", "DNS:localhost", "DNS:kubernetes"]
     sans += ["DNS:kubernetes.default", "DNS:kubernetes.default.svc"]
     sans += ["DNS:kubernetes.default.svc.cluster.local"]
@@ -185,45 +180,11 @@ def leaf(pki: Path, name: str, subject: str, usage: str, sans: list[str] | None 
     if sans:
         ext.append("subjectAltName=" + ",".join(sans))
     (pki / f"{name}.ext").write_text("\n".join(ext) + "\n")
-    run(
-        [
-            "openssl",
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            subject,
-        ],
-        cwd=pki,
-    )
-    run(
-        [
-            "openssl",
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.crt",
-            "-days",
-            "30",
-            "-extfile",
-            f"{name}.ext",
-        ],
-        cwd=pki,
-    )
+    csr = ["-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject]
+    run(["openssl", "req", *EC_KEY, *csr], cwd=pki)
+    sign = ["-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "30"]
+    sign += ["-in", f"{name}.csr", "-out", f"{name}.crt", "-extfile", f"{name}.ext"]
+    run(["openssl", "x509", "-req", *sign], cwd=pki)
 
 
 def kubeconfig(server: str, pki: Path, user: str) -> str:
@@ -598,6 +559,20 @@ def down(timeout: float = 30.0) -> None:
     state.save()
     shutil.rmtree(STATE / "etcd", ignore_errors=True)
     KUBECONFIG.unlink(missing_ok=True)
+
+
+@contextmanager
+def session(timeout: float = 120.0) -> Iterator[Path]:
+    """The kubeconfig of a running `make e2e-up` cluster (left running), else of one started
+    for the duration of the `with` block and stopped after it."""
+    if running() is not None:
+        yield KUBECONFIG
+        return
+    up(timeout)
+    try:
+        yield KUBECONFIG
+    finally:
+        down()
 
 
 def running() -> State | None:

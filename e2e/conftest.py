@@ -55,14 +55,8 @@ def kube() -> Iterator[Cluster]:
     if user and not _is_ours(user):
         yield Cluster(_one_file(user), local=False)
         return
-    if local.running() is not None:
-        yield Cluster(local.KUBECONFIG, local=True)
-        return
-    local.up()
-    try:
-        yield Cluster(local.KUBECONFIG, local=True)
-    finally:
-        local.down()
+    with local.session() as kubeconfig:
+        yield Cluster(kubeconfig, local=True)
 
 
 @pytest.fixture(scope="session")
