@@ -143,3 +143,24 @@ def test_value_of_another_spec_is_refused(
     Raw(server).set(key, header.encode() + bytes(payload))
     assert tier.backend.load_prefix([key], [tier.empty()]) == 0
     assert tier.value("lmcache_corrupt_values_total") == 1
+
+
+def test_value_larger_than_a_slot_is_refused(
+    server: RedisServer, make_tier: Callable[..., Tier]
+) -> None:
+    """A well-formed value of more tokens than a chunk would overflow the slot: refused before
+    a single payload byte is read."""
+    tier = make_tier(server.url)
+    [key] = keys_for(1)
+    payload = bytes(2 * CHUNK * tier.spec.bytes_per_token)
+    header = serde.Header(
+        key, tier.spec.dtype_name, tier.spec.shape(2 * CHUNK), len(payload), serde.checksum(payload)
+    )
+    Raw(server).set(key, header.encode() + payload)
+    got = tier.empty()
+    neighbour = tier.buffer(CHUNK, 9)  # the next slot of the pool, which an overflow would hit
+    assert neighbour.slot == got.slot + 1
+    before = bytes(neighbour.raw().numpy())
+    assert tier.backend.load_prefix([key], [got]) == 0
+    assert tier.value("lmcache_corrupt_values_total") == 1
+    assert bytes(neighbour.raw().numpy()) == before
