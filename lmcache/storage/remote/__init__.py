@@ -29,7 +29,7 @@ def create_remote_backend(
     an unreachable server only opens the breaker, and the tier joins once a probe succeeds.
     """
     if not config.remote_url:
-        raise ConfigError("remote_url: not set; allowed: valkey://host:port[/db] and friends")
+        raise ConfigError("remote_url: not set; allowed: a valkey://host:port[/db] URL")
     source = config.source_of("remote_url")
     target = parse_remote_url(config.remote_url, source=str(source))
     settings = RemoteSettings.from_config(config, spec)

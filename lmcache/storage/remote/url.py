@@ -8,7 +8,7 @@ kept in a ConfigMap never has to carry a secret.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -22,6 +22,7 @@ PASSWORD_ENV = "LMCACHE_REMOTE_PASSWORD"
 DEFAULT_PORT = 6379
 _TLS_SCHEMES = ("valkeys", "rediss")
 _CERT_REQS = ("required", "optional", "none")
+_TRUE = ("1", "true", "yes", "on")
 _TLS_QUERY = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
 
 
@@ -121,15 +122,10 @@ def parse_remote_url(
     )
 
 
-def _tls_options(query: Mapping[str, str], bad: Any) -> dict[str, Any]:
+def _tls_options(query: Mapping[str, str], bad: Callable[[str], ConfigError]) -> dict[str, Any]:
     options: dict[str, Any] = {k: v for k, v in query.items() if k in _TLS_QUERY}
     if options.get("ssl_cert_reqs", "required") not in _CERT_REQS:
         raise bad(f"ssl_cert_reqs={options['ssl_cert_reqs']!r}; allowed: {list(_CERT_REQS)}")
     if "ssl_check_hostname" in options:
-        options["ssl_check_hostname"] = options["ssl_check_hostname"].lower() in (
-            "1",
-            "true",
-            "yes",
-            "on",
-        )
+        options["ssl_check_hostname"] = options["ssl_check_hostname"].lower() in _TRUE
     return options
