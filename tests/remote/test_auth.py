@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from lmcache.config import ConfigError
+from lmcache.cli import main
+from lmcache.config import CONFIG_FILE_ENV, ConfigError
 from lmcache.storage.remote.devserver import RedisServer
 from lmcache.storage.remote.url import PASSWORD_ENV
 
@@ -70,3 +71,15 @@ def test_rotated_password_is_a_counted_failure(
     assert tier.backend.breaker.is_open
     assert "remote tier" in caplog.text and "unavailable" in caplog.text
     assert SECRET not in caplog.text
+
+
+def test_check_config_never_prints_credentials(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(CONFIG_FILE_ENV, raising=False)
+    monkeypatch.setenv("LMCACHE_REMOTE_URL", f"valkey://app:{SECRET}@valkey:6379/1")
+    monkeypatch.setenv(PASSWORD_ENV, "from-the-secret")
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr()
+    assert "valkey://app:***@valkey:6379/1" in out.out
+    assert SECRET not in out.out + out.err and "from-the-secret" not in out.out + out.err
