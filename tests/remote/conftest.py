@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_size=16, dtype=torch.bfloat16)
 CHUNK = 16
 CHUNK_BYTES = CHUNK * SPEC.bytes_per_token
 GB = 1 << 30
+BOUND_S = 1.0
+"""20x the 50 ms deadline: far below "hung", far above scheduler noise."""
 RELAXED_TIMEOUT_MS = 2000
 """Deadline tests pass 50 ms explicitly; elsewhere a loaded CI machine must not turn slow
 replies into misses."""
@@ -149,3 +152,10 @@ def make_tier() -> Iterator[Callable[..., Tier]]:
     for tier in made:
         tier.backend.close()
         tier.pool.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        time.sleep(0.01)  # polling a state with no notification to wait on

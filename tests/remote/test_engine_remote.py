@@ -14,8 +14,7 @@ import torch
 from lmcache import LMCacheEngine, LMCacheEngineConfig
 from lmcache.storage.remote.devserver import RedisServer
 
-from .conftest import CHUNK, RELAXED_TIMEOUT_MS, SPEC, pool_gb
-from .test_failures import BOUND_S, wait_until
+from .conftest import BOUND_S, CHUNK, RELAXED_TIMEOUT_MS, SPEC, pool_gb, wait_until
 
 MODEL = "shared-model"
 EngineFactory = Callable[..., LMCacheEngine]

@@ -14,21 +14,11 @@ import pytest
 
 from lmcache.storage.remote.devserver import RedisServer, free_port
 
-from .conftest import CHUNK, CHUNK_BYTES, Tier
-
-BOUND_S = 1.0
-"""20x the 50 ms deadline: far below "hung", far above scheduler noise."""
+from .conftest import BOUND_S, CHUNK, CHUNK_BYTES, Tier, wait_until
 
 
 def keys_for(n: int) -> list[str]:
     return [f"m@1@0@bfloat16@f{i:04d}" for i in range(n)]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.01)  # polling a state with no notification to wait on
 
 
 @contextmanager
