@@ -302,3 +302,20 @@ def test_release_packages_the_chart_with_its_checksum(helm: Path, tmp_path: Path
     assert "lmcache-operator/dashboards/lmcache-kube.json" in names
     assert any(n.startswith("lmcache-operator/crds/") for n in names)
     assert not any(n.startswith("lmcache-operator/ci/") for n in names), "ci/ is for checks only"
+
+
+def test_pod_monitor_selects_the_engine_pods_the_operator_renders(helm: Path) -> None:
+    """The PodMonitor's selector and ports against the operator's own render of the chart's
+    sample, so a renamed port or label in the operator breaks this, not the dashboards."""
+    pytest.importorskip("lmcache_operator", reason="the operator package is not installed")
+    from lmcache_operator.render import vllm
+    from lmcache_operator.render.common import Owner
+    from lmcache_operator.spec import parse
+
+    values = yaml.safe_load((chartctl.CHART / "values.yaml").read_text())
+    engine = vllm.deployment(parse(values["sample"]["spec"]), Owner("x", "ns", "uid"), "hash")
+    template = engine["spec"]["template"]
+    ports = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+    (pm,) = of_kind(rendered("monitoring"), "PodMonitor")
+    assert pm["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= ports
