@@ -223,7 +223,11 @@ class KubeCluster:
         url = path(api.API_VERSION, api.KIND, namespace, name) + "/status"
         live = retrying(
             lambda: self.request(
-                "PATCH", url, {"status": status}, (), "application/merge-patch+json"
+                "PATCH",
+                url,
+                {"status": status},
+                [("fieldManager", api.FIELD_MANAGER)],
+                "application/merge-patch+json",
             )
         )
         self.cache.put(live)
