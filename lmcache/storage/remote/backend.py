@@ -13,6 +13,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from lmcache.config import GB, LMCacheEngineConfig
@@ -96,6 +98,7 @@ class RemoteBackend(StorageBackend):
         self._warned: set[str] = set()
         """Write errors already logged (an -OOM server would otherwise log every batch)."""
         metrics.labels(metrics.breaker_open).set(0)
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="lmcache-remote-encode")
         self._writer = threading.Thread(
             target=self._write_loop, name="lmcache-remote-writer", daemon=True
         )
@@ -216,6 +219,7 @@ class RemoteBackend(StorageBackend):
         self._writer.join(2 * self._settings.write_timeout_s + 1)
         if self._writer.is_alive():
             logger.warning("remote writer still busy at close; its buffers are released late")
+        self._encoder.shutdown(wait=False)
         self._client.close()
 
     def _write_loop(self) -> None:
@@ -269,15 +273,21 @@ class RemoteBackend(StorageBackend):
                 self._metrics.labels(self._metrics.dropped_writes, TIER).inc(len(batch))
                 return
             start = time.monotonic()
-            items = [self._item(p) for p in batch]
+            # Headers (checksums) are computed on the encoder thread while earlier values are
+            # on the wire; in line they left a 1-4 ms gap before every 32 MiB value (~10%).
+            encoded = [self._encoder.submit(self._item, p) for p in batch]
             try:
                 errors = self._client.set_many(
-                    items, self._settings.ttl_s, self._settings.write_timeout_s
+                    (f.result() for f in encoded),
+                    self._settings.ttl_s,
+                    self._settings.write_timeout_s,
                 )
             except RemoteError as err:
                 self._failed("put", err)
                 self._metrics.labels(self._metrics.dropped_writes, TIER).inc(len(batch))
                 return
+            finally:
+                futures.wait(encoded)  # no checksum may still read a slot once it is released
             written = [p.nbytes for p, e in zip(batch, errors, strict=True) if e is None]
             self._succeeded("put", sum(written), start, count=len(written))
             refused = [e for e in errors if e is not None]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -236,24 +236,28 @@ class RemoteClient:
             reader.finished = True
 
     def set_many(
-        self, items: Sequence[WriteItem], ttl_s: int | None, budget_s: float
+        self, items: Iterable[WriteItem], ttl_s: int | None, budget_s: float
     ) -> list[str | None]:
-        """Pipelined SETs (with ``EX`` when ``ttl_s``); per item None or the server's error."""
-        parts: list[bytes | memoryview] = []
+        """Pipelined SETs (with ``EX`` when ``ttl_s``), one round trip; each item is sent as
+        soon as ``items`` yields it, so the caller can prepare the next one meanwhile.
+        Returns per item None or the server's error."""
         tail = b"\r\n" if ttl_s is None else b"\r\n" + _bulks("EX", str(ttl_s))
         nargs = 3 if ttl_s is None else 5
-        for item in items:
-            key = item.key.encode()
-            parts.append(
-                b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s"
-                % (nargs, len(key), key, len(item.header) + len(item.payload), item.header)
-            )
-            parts.append(item.payload)
-            parts.append(tail)
         with self.connection(budget_s) as (conn, reader):
-            self.send(conn, reader, parts)
+            sent = 0
+            for item in items:
+                key = item.key.encode()
+                head = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s" % (
+                    nargs,
+                    len(key),
+                    key,
+                    len(item.header) + len(item.payload),
+                    item.header,
+                )
+                self.send(conn, reader, [head, item.payload, tail])
+                sent += 1
             results: list[str | None] = []
-            for _ in items:
+            for _ in range(sent):
                 try:
                     reader.reply_head()
                     results.append(None)
