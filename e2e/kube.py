@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,9 +73,13 @@ class Kube:
 
     def __init__(self, kubeconfig: Path) -> None:
         self.client = dynamic.DynamicClient(config.new_client_from_config(str(kubeconfig)))
+        # The dynamic client's discovery cache is not thread-safe: a miss (a CRD installed a
+        # moment ago) rebuilds it, and a concurrent lookup then sees it half-built.
+        self._discovery = threading.Lock()
 
     def _res(self, api_version: str, kind: str) -> Any:
-        return self.client.resources.get(api_version=api_version, kind=kind)
+        with self._discovery:
+            return self.client.resources.get(api_version=api_version, kind=kind)
 
     def get(
         self, api_version: str, kind: str, name: str, namespace: str | None = None
