@@ -16,7 +16,7 @@ from lmcache.memory.pool import ChunkBuffer
 from lmcache.metrics import EngineMetrics
 from lmcache.spec import KVSpec
 from lmcache.storage.backend import StorageBackend
-from lmcache.storage.manager import StorageManager
+from lmcache.storage.manager import Reserved, StorageManager
 
 logger = logging.getLogger("lmcache")
 
@@ -88,11 +88,34 @@ class LMCacheEngine:
     ) -> int:
         """Store with a caller-provided copy: ``fill(chunk, dst)`` writes one chunk's KV into
         the pool slot ``dst`` (e.g. gathered straight from vLLM's paged GPU cache)."""
-        chunks = [c for c in self.chunks(tokens) if c.start >= skip_tokens]
-        stored = self.storage.store(chunks, fill)
+        stored = self.storage.store(self._new_chunks(tokens, skip_tokens), fill)
         if request_id is not None:
             log_store(request_id, stored, len(tokens))
         return stored
+
+    def _new_chunks(self, tokens: Tokens, skip_tokens: int) -> list[ChunkRange]:
+        return [c for c in self.chunks(tokens) if c.start >= skip_tokens]
+
+    def reserve_chunks(self, tokens: Tokens, skip_tokens: int = 0) -> Reserved:
+        """Phase one of a two-phase store: private pool slots for the chunks of ``tokens``
+        not stored yet. The caller fills each ``buffer.kv()`` (e.g. with asynchronous copies
+        from the GPU, all waited for once), then calls :meth:`commit_chunks`, or
+        :meth:`abort_chunks` if the fill failed; until then nothing is visible or evictable."""
+        return self.storage.reserve(self._new_chunks(tokens, skip_tokens))
+
+    def commit_chunks(
+        self, reserved: Reserved, request_id: str | None = None, total_tokens: int = 0
+    ) -> int:
+        """Publish filled reserved chunks; returns tokens newly stored. ``request_id`` and
+        ``total_tokens`` (the request's length) make the per-request store log line."""
+        stored = self.storage.commit(reserved)
+        if request_id is not None:
+            log_store(request_id, stored, total_tokens)
+        return stored
+
+    def abort_chunks(self, reserved: Reserved) -> None:
+        """Return reserved chunks' slots to the pool unpublished."""
+        self.storage.abort(reserved)
 
     # -- lookup --------------------------------------------------------------------------
 

@@ -29,6 +29,9 @@ logger = logging.getLogger("lmcache")
 Fill = Callable[[ChunkRange, torch.Tensor], None]
 """Writes the KV of one chunk into the given ``[layers, kv, n, heads, head]`` view."""
 
+Reserved = list[tuple[ChunkRange, ChunkBuffer]]
+"""Chunks and the private pool slots reserved for them, awaiting commit or abort."""
+
 
 def build_lower_tiers(
     config: LMCacheEngineConfig, spec: KVSpec, metrics: EngineMetrics
@@ -102,12 +105,30 @@ class StorageManager:
     def store(self, chunks: Sequence[ChunkRange], fill: Fill) -> int:
         """Store the chunks not stored yet; returns the tokens newly stored.
 
-        Stops at the first chunk that cannot get a slot: later chunks of the same prefix
-        could never be hit without it.
+        :meth:`reserve`, ``fill`` each slot, :meth:`commit`; a failing ``fill`` aborts the
+        reservation (slots back to the pool) and propagates.
+        """
+        reserved = self.reserve(chunks)
+        try:
+            for chunk, buffer in reserved:
+                fill(chunk, buffer.kv())
+        except BaseException:
+            self.abort(reserved)
+            raise
+        return self.commit(reserved)
+
+    def reserve(self, chunks: Sequence[ChunkRange]) -> Reserved:
+        """Phase one of a store: a private pool slot for each chunk not stored yet.
+
+        The slots are invisible to lookups and never evicted until :meth:`commit` or
+        :meth:`abort`, so a caller can fill many of them asynchronously (e.g. one batch of
+        device-to-host copies) and publish them only once their bytes are complete. Stops at
+        the first chunk that cannot get a slot: later chunks of the same prefix could never
+        be hit without it.
         """
         if not self.config.local_cpu and not self.lower:
-            return 0  # the pool is staging only and nothing lies below it
-        stored = 0
+            return []  # the pool is staging only and nothing lies below it
+        reserved: Reserved = []
         for position, chunk in enumerate(chunks):
             if self._already_stored(chunk.key):
                 continue
@@ -115,7 +136,16 @@ class StorageManager:
             if buffer is None:
                 self.metrics.labels(self.metrics.skipped_stores).inc(len(chunks) - position)
                 break
-            fill(chunk, buffer.kv())
+            reserved.append((chunk, buffer))
+        self._update_gauges()
+        return reserved
+
+    def commit(self, reserved: Reserved) -> int:
+        """Phase two: publish filled slots to the CPU cache and write them through to the
+        lower tiers; returns the tokens newly stored (a chunk a concurrent store published
+        first is dropped)."""
+        stored = 0
+        for chunk, buffer in reserved:
             if not self._commit(chunk.key, buffer):
                 continue
             stored += chunk.num_tokens
@@ -123,6 +153,11 @@ class StorageManager:
         self.metrics.labels(self.metrics.stored_tokens).inc(stored)
         self._update_gauges()
         return stored
+
+    def abort(self, reserved: Reserved) -> None:
+        """Give reserved slots back to the pool unpublished (their fill failed)."""
+        for _, buffer in reserved:
+            self.release(buffer)
 
     def _commit(self, key: str, buffer: ChunkBuffer) -> bool:
         """Publish a filled buffer to the CPU cache and the lower tiers; False if a concurrent
