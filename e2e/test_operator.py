@@ -442,7 +442,10 @@ def test_killed_mid_reconcile_converges_without_duplicates_then_idles(
     # Idle: a window of 60 s with nothing changing, long enough to span the operator's resync.
     # Lease renewals (leader election's heartbeat) are writes by design and are not counted.
     start = len(audit_events(audit_log))
+    reconciles_before = reconciles(operator)
     observe(60.0)
+    # The operator was working, not asleep: its resync re-checked deployments in the window.
+    assert reconciles(operator) > reconciles_before, "no reconcile during the idle window"
 
     def writes(events: list[Obj]) -> list[str]:
         return [
@@ -459,6 +462,14 @@ def test_killed_mid_reconcile_converges_without_duplicates_then_idles(
     )
     idle = writes([e for e in everything[start:] if e["user"]["username"] == ours])
     assert idle == [], f"the operator wrote while nothing changed: {idle}"
+
+
+def reconciles(operator: OperatorProcess) -> float:
+    """The operator's `lmcache_operator_reconciles_total`, summed over results."""
+    lines = operator.metrics().splitlines()
+    samples = [line for line in lines if line.startswith("lmcache_operator_reconciles_total")]
+    assert samples, "the operator exports no lmcache_operator_reconciles_total"
+    return sum(float(line.rsplit(" ", 1)[1]) for line in samples)
 
 
 def observe(seconds: float) -> None:
