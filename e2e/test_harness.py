@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from e2e.cluster import ADMIN_USER, MAX_NODE_HUGEPAGES_GI, NodeShape
 from e2e.kube import Cluster, Kube, Obj, audit_events, condition, is_true, wait_for
+from e2e.operator_proc import expand
 
 PAUSE = "registry.k8s.io/pause:3.10"
 
@@ -168,3 +169,11 @@ def test_audit_log_records_writes_by_user(
         ]
 
     assert wait_for("the audit event of the create", created, timeout=10) == ["probe"]
+
+
+def test_operator_args_expand_like_the_kubelet() -> None:
+    """`$(VAR)` in the chart's args resolves as in the kubelet; `$$` escapes; unknown stays."""
+    env = {"POD_NAMESPACE": "lmcache-system"}
+    assert expand("--ns=$(POD_NAMESPACE)", env) == "--ns=lmcache-system"
+    assert expand("--literal=$$(POD_NAMESPACE)", env) == "--literal=$(POD_NAMESPACE)"
+    assert expand("--other=$(NOT_SET)", env) == "--other=$(NOT_SET)"
