@@ -9,6 +9,7 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +26,10 @@ def keys_for(n: int) -> list[str]:
 def frozen(server: RedisServer) -> Iterator[None]:
     """SIGSTOP the server: it accepts connections (kernel backlog) but never answers."""
     assert server.process is not None
-    os.kill(server.process.pid, signal.SIGSTOP)
+    pid = server.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    # The signal lands asynchronously: wait until the kernel reports the process stopped.
+    wait_until(lambda: Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "T")
     try:
         yield
     finally:
