@@ -27,8 +27,9 @@ from e2e.kube import Cluster, Kube, is_true, wait_for
 VENV_BIN = Path(sys.executable).parent
 # E2E_CHART: another chart to test (a packaged .tgz, a release candidate); default this repo's.
 CHART = Path(os.environ.get("E2E_CHART", REPO / "charts" / "lmcache-operator"))
-RELEASE = "lmcache-operator"
-OPERATOR_NAMESPACE = "lmcache-system"
+# Not the names a user's own install would have: on a user's cluster nothing of theirs is touched.
+RELEASE = "lmcache-e2e"
+OPERATOR_NAMESPACE = "lmcache-e2e"
 ENTRYPOINT = "lmcache-operator"  # images/operator/Dockerfile's ENTRYPOINT
 PORT_FLAGS = ("--metrics-port", "--health-port")
 
@@ -61,6 +62,14 @@ def install_chart(kube: Cluster, k8s: Kube) -> Release:
     the CRD instead. If that pod does run, it and the local process share the leader Lease, and
     whichever holds it reconciles, which is what a user's cluster would do too.
     """
+    others = [
+        f"{d['metadata']['namespace']}/{d['metadata']['name']}"
+        for d in k8s.items(
+            "apps/v1", "Deployment", selector="app.kubernetes.io/name=lmcache-operator"
+        )
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/instance") != RELEASE
+    ]
+    assert not others, f"another lmcache-operator runs here ({others}); it would fight the tests"
     args = ["upgrade", "--install", RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE]
     args += ["--create-namespace"]
     if kube.local:
