@@ -6,10 +6,11 @@ in shuffled blocks, as after a while of serving. Measured in the same run:
 
 * the limit: a raw copy of the same bytes between one pinned host tensor and one device tensor
   (each direction), i.e. what the link gives a single large DMA (about 55 GB/s on an H200);
-* store: the connector's path (gather by slot id on a side stream, non-blocking copy into
-  pinned pool slots, chunk by chunk) for a prompt not cached yet;
-* load: the connector's path back (pinned chunks -> device, scatter by slot id, layer by
-  layer), after wiping the paged cache.
+* store: the connector's path for a prompt not cached yet (reserve pool slots, gather by slot
+  id on a side stream, one gather per layer per batch of chunks into device staging, one
+  non-blocking DMA per chunk into its pinned slot, one wait, publish);
+* load: the connector's path back (one DMA per pinned chunk into device staging, one scatter
+  per layer per batch), after wiping the paged cache.
 
 Ratios are transfer / raw (1.0 = at the limit). On a machine without CUDA it runs on CPU
 tensors (a smoke test; figures then compare against a CPU memcpy).
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lmcache import KVSpec, LMCacheEngine, LMCacheEngineConfig
-from lmcache.integration.vllm.paged import LoadJob, PagedKVCache, PagedTransfer
+from lmcache.integration.vllm.paged import ChunkJob, PagedKVCache, PagedTransfer, store_jobs
 
 LLAMA_8B = KVSpec(num_layers=32, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
 BLOCK = 16
@@ -95,15 +96,13 @@ def run(num_tokens: int, chunk_size: int, repeat: int) -> dict[str, object]:
         def store_new_prompt() -> None:
             offset = next(prompts) * num_tokens
             tokens[:] = range(offset, offset + num_tokens)
-            transfer.begin_store()
-            stored = engine.store_chunks(
-                tokens, lambda c, dst: transfer.gather(slots[c.start : c.end], dst)
-            )
-            assert stored == num_tokens
+            reserved = engine.reserve_chunks(tokens)
+            transfer.store(store_jobs(reserved, slots))
+            assert engine.commit_chunks(reserved) == num_tokens
 
         def load_prompt() -> None:
             with engine.retrieve_chunks(tokens) as views:
-                jobs = [LoadJob(kv, 0, c.num_tokens, slots[c.start : c.end]) for c, kv in views]
+                jobs = [ChunkJob(kv, 0, c.num_tokens, slots[c.start : c.end]) for c, kv in views]
                 assert sum(j.hi - j.lo for j in jobs) == num_tokens
                 transfer.start_load(jobs, layerwise=False)
                 transfer.finish_load()

@@ -8,11 +8,13 @@ import torch
 
 from lmcache import LMCacheEngine, LMCacheEngineConfig
 from lmcache.integration.vllm.paged import (
-    LoadJob,
+    STAGING_BYTES,
+    ChunkJob,
     PagedKVCache,
     PagedLayout,
     PagedTransfer,
     detect_layout,
+    store_jobs,
 )
 from tests.vllm.conftest import BLOCK, DEVICES, make_paged, token_slice
 
@@ -49,10 +51,10 @@ def make_engine(cache: PagedKVCache) -> LMCacheEngine:
 def store(
     engine: LMCacheEngine, transfer: PagedTransfer, tokens: list[int], slots: torch.Tensor
 ) -> int:
-    transfer.begin_store()
-    return engine.store_chunks(
-        tokens, lambda chunk, dst: transfer.gather(slots[chunk.start : chunk.end], dst)
-    )
+    """The worker's store: reserve the new chunks, copy them all in one batch, publish."""
+    reserved = engine.reserve_chunks(tokens)
+    transfer.store([ChunkJob(b.kv(), 0, c.num_tokens, slots[c.start : c.end]) for c, b in reserved])
+    return engine.commit_chunks(reserved)
 
 
 def load(
@@ -70,24 +72,25 @@ def load(
         for chunk, kv in views:
             lo, hi = max(chunk.start, start), min(chunk.end, end)
             if lo < hi:
-                jobs.append(LoadJob(kv, lo - chunk.start, hi - chunk.start, slots[lo:hi]))
+                jobs.append(ChunkJob(kv, lo - chunk.start, hi - chunk.start, slots[lo:hi]))
         transfer.start_load(jobs, layerwise)
         for layer in range(len(transfer.cache.layers)):
             transfer.wait_layer(layer)
         transfer.finish_load()
 
 
+@pytest.mark.parametrize("staging", [STAGING_BYTES, 1], ids=["batched", "chunk-per-batch"])
 @pytest.mark.parametrize("layerwise", [False, True], ids=["chunk-major", "layer-major"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("layout", "hnd"), LAYOUTS)
 def test_store_evict_load_restores_every_slot(
-    layout: PagedLayout, hnd: bool, device: str, layerwise: bool
+    layout: PagedLayout, hnd: bool, device: str, layerwise: bool, staging: int
 ) -> None:
     layers = make_layers(layout, device, hnd)
     before = [layer.clone() for layer in layers]
     cache = PagedKVCache(layers)
     assert cache.layout is layout
-    transfer = PagedTransfer(cache)
+    transfer = PagedTransfer(cache, staging)
     tokens = list(range(1000, 1150))
     slots = random_slots(len(tokens))
     with make_engine(cache) as engine:
@@ -146,3 +149,82 @@ def test_unsupported_shapes_are_refused() -> None:
     mixed = [torch.zeros(4, 2, BLOCK, 2, 8), torch.zeros(4, 2, BLOCK, 2, 4)]
     with pytest.raises(ValueError, match="layers differ"):
         PagedKVCache(mixed)
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["chunk-major", "layer-major"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_batch_serves_several_requests_and_ranges(device: str, layerwise: bool) -> None:
+    """Two requests stored in one call, then loaded in one call with full, partial-start and
+    partial-end pieces mixed (the worker's per-step batch): every slot lands where it belongs."""
+    layout = PagedLayout.KV_FIRST
+    layers = make_layers(layout, device, hnd=False)
+    before = [layer.clone() for layer in layers]
+    transfer = PagedTransfer(PagedKVCache(layers))
+    perm = random_slots(NUM_BLOCKS * BLOCK, seed=5)
+    requests = [(list(range(100, 200)), perm[:100]), (list(range(900, 970)), perm[100:170])]
+    with make_engine(transfer.cache) as engine:
+        reserved = [engine.reserve_chunks(tokens) for tokens, _ in requests]
+        transfer.store(
+            [
+                job
+                for (_, slots), chunks in zip(requests, reserved, strict=True)
+                for job in store_jobs(chunks, slots)
+            ]
+        )
+        assert [engine.commit_chunks(r) for r in reserved] == [100, 70]
+        for layer in layers:
+            layer.zero_()
+        ranges = [(5, 100), (0, 61)]
+        with (
+            engine.retrieve_chunks(requests[0][0]) as first,
+            engine.retrieve_chunks(requests[1][0]) as second,
+        ):
+            jobs = []
+            for views, (start, end), (_, slots) in zip(
+                (first, second), ranges, requests, strict=True
+            ):
+                for chunk, kv in views:
+                    lo, hi = max(chunk.start, start), min(chunk.end, end)
+                    if lo < hi:
+                        jobs.append(ChunkJob(kv, lo - chunk.start, hi - chunk.start, slots[lo:hi]))
+            transfer.start_load(jobs, layerwise)
+            transfer.finish_load()
+
+    for layer, original in zip(layers, before, strict=True):
+        for (_, slots), (start, end) in zip(requests, ranges, strict=True):
+            for position, slot in enumerate(slots.tolist()):
+                got = token_slice(layer, layout, slot)
+                if start <= position < end:
+                    assert torch.equal(got, token_slice(original, layout, slot)), position
+                else:
+                    assert not got.any(), position
+
+
+class CountingCache(PagedKVCache):
+    """Counts per-layer gathers and scatters: each is one indexing kernel on the GPU."""
+
+    reads = writes = 0
+
+    def read(self, layer: int, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        self.reads += 1
+        return super().read(layer, index)
+
+    def write(self, layer: int, index: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor) -> None:
+        self.writes += 1
+        super().write(layer, index, kv)
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["chunk-major", "layer-major"])
+def test_equal_chunks_share_one_kernel_per_layer(layerwise: bool) -> None:
+    """150 tokens = four full chunks + one of 22: two batches, so two gathers per layer for
+    the store and two scatters per layer for the load, not one per chunk."""
+    cache = CountingCache(make_layers(PagedLayout.BLOCK_FIRST, "cpu", hnd=False))
+    num_layers = len(cache.layers)
+    transfer = PagedTransfer(cache)
+    tokens = list(range(3000, 3150))
+    slots = random_slots(len(tokens), seed=7)
+    with make_engine(cache) as engine:
+        store(engine, transfer, tokens, slots)
+        assert cache.reads == 2 * num_layers
+        load(engine, transfer, tokens, slots, 0, 150, layerwise)
+        assert cache.writes == 2 * num_layers

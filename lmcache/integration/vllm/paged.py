@@ -2,9 +2,12 @@
 
 A slot id is ``block_id * block_size + offset``, vLLM's own slot mapping. Each layer's paged
 tensor is indexed with (block, offset) pairs, so any stride order (NHD or HND) works without
-a copy of the cache. On CUDA all copies run on one dedicated stream into or out of pinned
-pool slots with ``non_blocking=True``; a layer-wise load records one event per layer so each
-attention layer waits only for its own KV. On CPU tensors the same code runs synchronously.
+a copy of the cache. Transfers are batched: chunks of equal length share one device staging
+tensor and one gather or scatter kernel per layer, and each chunk crosses the bus as one
+large DMA between its staging block and its pinned pool slot. On CUDA everything runs on one
+dedicated stream with ``non_blocking=True``; a store waits once for the whole step, a
+layer-wise load records one event per layer so each attention layer waits only for its own KV.
+On CPU tensors the same code runs synchronously.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lmcache.spec import KVSpec
+from lmcache.storage.manager import Reserved
 
 
 class PagedLayout(enum.Enum):
@@ -69,35 +73,48 @@ class PagedKVCache:
             self.spec = KVSpec(len(layers), shape[3], shape[4], first.dtype)
 
     def index(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block, offset) index tensors on the cache's device for the given slot ids."""
-        slots = slots.to(self.device, torch.long, non_blocking=True)
+        """(block, offset) index tensors on the cache's device for slot ids of any shape
+        ``[..., n]``. On CUDA the ids go through pinned memory: a copy from pageable memory
+        may wait for the stream's queued work, stalling the CPU."""
+        slots = slots.to(torch.long)
+        if self.device.type == "cuda" and slots.device.type == "cpu":
+            slots = slots.pin_memory()  # kept alive by PyTorch until the copy has run
+        slots = slots.to(self.device, non_blocking=True)
         return slots // self.block_size, slots % self.block_size
 
     def read(self, layer: int, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """One layer's KV at the indexed slots as ``[kv_factor, n, num_kv_heads, head_size]``."""
+        """One layer's KV at the indexed slots (index shape ``[..., n]``) as
+        ``[..., kv_factor, n, num_kv_heads, head_size]``."""
         blocks, offsets = index
         paged = self.layers[layer]
         if self.layout is PagedLayout.KV_FIRST:
-            return paged[:, blocks, offsets]
+            return paged[:, blocks, offsets].movedim(0, -4)
         if self.layout is PagedLayout.BLOCK_FIRST:
-            return paged[blocks, :, offsets].transpose(0, 1)
-        return paged[blocks, offsets].unsqueeze(0).unsqueeze(2)
+            return paged[blocks, :, offsets].transpose(-4, -3)
+        return paged[blocks, offsets].unsqueeze(-2).unsqueeze(-4)
 
     def write(self, layer: int, index: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor) -> None:
-        """Write ``kv`` (``[kv_factor, n, num_kv_heads, head_size]``) into the indexed slots."""
+        """Write ``kv`` (``[..., kv_factor, n, num_kv_heads, head_size]``) into the indexed
+        slots (index shape ``[..., n]``)."""
         blocks, offsets = index
         paged = self.layers[layer]
         if self.layout is PagedLayout.KV_FIRST:
-            paged[:, blocks, offsets] = kv
+            paged[:, blocks, offsets] = kv.movedim(-4, 0)
         elif self.layout is PagedLayout.BLOCK_FIRST:
-            paged[blocks, :, offsets] = kv.transpose(0, 1)
+            paged[blocks, :, offsets] = kv.transpose(-4, -3)
         else:
-            paged[blocks, offsets] = kv[0, :, 0]
+            paged[blocks, offsets] = kv[..., 0, :, 0, :]
+
+
+STAGING_BYTES = 256 << 20
+"""Device memory one transfer batch stages at most (or one chunk, if larger): bounds what a
+transfer borrows from vLLM's GPU memory while keeping the DMAs back to back."""
 
 
 @dataclass(frozen=True)
-class LoadJob:
-    """One contiguous piece of a load: ``kv[:, :, lo:hi]`` of a pinned chunk to ``slots``."""
+class ChunkJob:
+    """One contiguous piece of a transfer: ``kv[:, :, lo:hi]`` of a pinned chunk to or from
+    ``slots`` (``hi - lo`` slot ids)."""
 
     kv: torch.Tensor
     lo: int
@@ -105,13 +122,37 @@ class LoadJob:
     slots: torch.Tensor
 
 
+def store_jobs(reserved: Reserved, slots: torch.Tensor) -> list[ChunkJob]:
+    """The copies that fill reserved chunks of one request whose token ``i`` sits at
+    ``slots[i]``."""
+    return [ChunkJob(b.kv(), 0, c.num_tokens, slots[c.start : c.end]) for c, b in reserved]
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Jobs with the same chunk length and range, with their slots indexed as ``[m, hi-lo]``:
+    one staging tensor and one gather or scatter per layer serve all of them."""
+
+    jobs: list[ChunkJob]
+    index: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def lo(self) -> int:
+        return self.jobs[0].lo
+
+    @property
+    def hi(self) -> int:
+        return self.jobs[0].hi
+
+
 class PagedTransfer:
     """Copies between a :class:`PagedKVCache` and pinned ``[layers, kv, n, heads, head]``
     chunk views: on CUDA asynchronously on a dedicated stream, on CPU synchronously, through
-    the same code (device-to-device steps become no-ops on CPU)."""
+    the same code (the device staging tensor is then a CPU tensor)."""
 
-    def __init__(self, cache: PagedKVCache) -> None:
+    def __init__(self, cache: PagedKVCache, staging_bytes: int = STAGING_BYTES) -> None:
         self.cache = cache
+        self.staging_bytes = staging_bytes
         self.stream = torch.cuda.Stream(cache.device) if cache.device.type == "cuda" else None
         self._layer_events: list[torch.cuda.Event] = []
 
@@ -123,58 +164,96 @@ class PagedTransfer:
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.cache.device))
 
+    def _batches(self, jobs: Sequence[ChunkJob], num_layers: int) -> list[_Batch]:
+        """``jobs`` grouped by (chunk length, lo, hi) and split so that staging
+        ``num_layers`` layers of a batch takes at most ``staging_bytes``. Call on the stream:
+        the slot indexes are copied to the device here."""
+        groups: dict[tuple[int, int, int], list[ChunkJob]] = {}
+        for job in jobs:
+            groups.setdefault((job.kv.shape[2], job.lo, job.hi), []).append(job)
+        batches = []
+        for group in groups.values():
+            per_job = group[0].kv[:num_layers].nbytes
+            size = max(1, self.staging_bytes // per_job)
+            for start in range(0, len(group), size):
+                part = group[start : start + size]
+                slots = torch.stack([job.slots for job in part])
+                batches.append(_Batch(part, self.cache.index(slots)))
+        return batches
+
+    def _staging(self, batch: _Batch, num_layers: int) -> torch.Tensor:
+        """``[m, num_layers, kv, n, heads, head]`` on the cache's device, allocated on the
+        side stream: the caching allocator reuses it only for later work on the same stream,
+        so it lives exactly as long as the copies queued on it need."""
+        spec = self.cache.spec
+        shape = spec.shape(batch.jobs[0].kv.shape[2])[1:]
+        return torch.empty(
+            (len(batch.jobs), num_layers, *shape), dtype=spec.dtype, device=self.cache.device
+        )
+
     # -- store (paged -> pinned) ---------------------------------------------------------
 
-    def begin_store(self) -> None:
-        """Order the store copies after the forward pass that wrote the KV."""
-        self._after_compute()
+    def store(self, jobs: Sequence[ChunkJob]) -> None:
+        """Copy the KV at each job's slots into its pinned chunk; complete on return.
 
-    def gather(self, slots: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy the KV at ``slots`` into ``dst`` (a pinned chunk view); complete on return,
-        because the engine publishes ``dst`` as soon as its fill returns. All layers are
-        gathered on the device first, so the copy to the host is one large DMA."""
+        Ordered after the forward pass that wrote the KV. Per batch: one gather per layer
+        into staging, then one DMA per chunk; the CPU waits once, at the end, because the
+        engine publishes the chunks as soon as this returns.
+        """
+        if not jobs:
+            return
         cache = self.cache
+        num_layers = len(cache.layers)
+        self._after_compute()
         with self._on_stream():
-            index = cache.index(slots)
-            staged = dst if self.stream is None else torch.empty_like(dst, device=cache.device)
-            for layer in range(len(cache.layers)):
-                staged[layer].copy_(cache.read(layer, index))
-            if staged is not dst:
-                dst.copy_(staged, non_blocking=True)
+            for batch in self._batches(jobs, num_layers):
+                staged = self._staging(batch, num_layers)
+                lo, hi = batch.lo, batch.hi
+                for layer in range(num_layers):
+                    staged[:, layer, :, lo:hi] = cache.read(layer, batch.index)
+                for job, chunk in zip(batch.jobs, staged, strict=True):
+                    job.kv[:, :, lo:hi].copy_(chunk[:, :, lo:hi], non_blocking=True)
         if self.stream is not None:
             self.stream.synchronize()
 
     # -- load (pinned -> paged) ----------------------------------------------------------
 
-    def start_load(self, jobs: Sequence[LoadJob], layerwise: bool) -> None:
+    def start_load(self, jobs: Sequence[ChunkJob], layerwise: bool) -> None:
         """Issue every job's copies.
 
         ``layerwise``: layer by layer, with an event after each, so the forward pass runs
-        layer 0 while later layers are still in flight (:meth:`wait_layer`). Otherwise chunk
-        by chunk, one large DMA each, and the compute stream waits for all of them here (on
-        the GPU: no CPU stall, and safe under full CUDA graphs).
+        layer 0 while later layers are still in flight (:meth:`wait_layer`). Otherwise all
+        layers of a batch of chunks at once (one DMA per chunk), and the compute stream waits
+        for all of them here (on the GPU: no CPU stall, and safe under full CUDA graphs).
         """
         cache = self.cache
         self._layer_events = []
         if not jobs:
             return
+        num_layers = len(cache.layers)
         self._after_compute()
-        device = cache.device
         with self._on_stream():
-            indexes = [cache.index(job.slots) for job in jobs]
             if layerwise:
-                for layer in range(len(cache.layers)):
-                    for job, index in zip(jobs, indexes, strict=True):
-                        part = job.kv[layer, :, job.lo : job.hi].to(device, non_blocking=True)
-                        cache.write(layer, index, part)
+                batches = self._batches(jobs, 1)
+                for layer in range(num_layers):
+                    for batch in batches:
+                        self._load_batch(batch, layer, layer + 1)
                     self._record_layer()
             else:
-                for job, index in zip(jobs, indexes, strict=True):
-                    chunk = job.kv.to(device, non_blocking=True)
-                    for layer in range(len(cache.layers)):
-                        cache.write(layer, index, chunk[layer, :, job.lo : job.hi])
+                for batch in self._batches(jobs, num_layers):
+                    self._load_batch(batch, 0, num_layers)
         if self.stream is not None and not layerwise:
-            torch.cuda.current_stream(device).wait_stream(self.stream)
+            torch.cuda.current_stream(cache.device).wait_stream(self.stream)
+
+    def _load_batch(self, batch: _Batch, first: int, last: int) -> None:
+        """Layers ``[first, last)`` of the batch's chunks: one DMA per chunk into staging,
+        then one scatter per layer of the batch's token range."""
+        staged = self._staging(batch, last - first)
+        for job, chunk in zip(batch.jobs, staged, strict=True):
+            chunk.copy_(job.kv[first:last], non_blocking=True)
+        lo, hi = batch.lo, batch.hi
+        for i, layer in enumerate(range(first, last)):
+            self.cache.write(layer, batch.index, staged[:, i, :, lo:hi])
 
     def _record_layer(self) -> None:
         if self.stream is not None:

@@ -2,8 +2,9 @@
 
 Loads are issued before the forward pass on a side stream (per-layer events with
 ``use_layerwise``, else the compute stream waits for all of them at once, which is safe under
-full CUDA graphs). Stores run once per step after the forward pass, gathering each new chunk
-straight from the paged cache into a pinned pool slot. A chunk that cannot be loaded has its
+full CUDA graphs). Stores run once per step after the forward pass: the new chunks of every
+request get pool slots reserved, are gathered from the paged cache and copied into them in
+one batch with a single wait, and only then are published. A chunk that cannot be loaded has its
 blocks reported to vLLM, which recomputes them: a load never yields wrong KV silently.
 """
 
@@ -18,10 +19,10 @@ from lmcache.engine import LMCacheEngine
 from lmcache.integration.vllm import settings
 from lmcache.integration.vllm.lookup import LookupServer
 from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata, RequestOp
-from lmcache.integration.vllm.paged import LoadJob, PagedKVCache, PagedTransfer
+from lmcache.integration.vllm.paged import ChunkJob, PagedKVCache, PagedTransfer, store_jobs
 from lmcache.integration.vllm.shared import SharedEngine, chunks_to_load, publish, withdraw
-from lmcache.keys import ChunkRange
 from lmcache.memory.pool import ChunkBuffer
+from lmcache.storage.manager import Reserved
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -88,7 +89,7 @@ class WorkerConnector:
     # -- load --------------------------------------------------------------------------
 
     def start_load(self, meta: LMCacheConnectorMetadata) -> None:
-        jobs: list[LoadJob] = []
+        jobs: list[ChunkJob] = []
         loading = [op for op in meta.requests if op.load is not None]
         for op in loading:
             try:
@@ -106,7 +107,7 @@ class WorkerConnector:
             for op in loading:
                 self._report_missing(op, 0)
 
-    def _plan_load(self, op: RequestOp, jobs: list[LoadJob]) -> int:
+    def _plan_load(self, op: RequestOp, jobs: list[ChunkJob]) -> int:
         """Acquire the request's chunks and queue their copies; returns the end of the
         contiguous prefix that will be loaded."""
         load = op.load
@@ -123,7 +124,7 @@ class WorkerConnector:
             lo, hi = max(chunk.start, load.start), min(chunk.end, load.end)
             if lo >= hi:
                 break
-            jobs.append(LoadJob(buffer.kv(), lo - chunk.start, hi - chunk.start, slots[lo:hi]))
+            jobs.append(ChunkJob(buffer.kv(), lo - chunk.start, hi - chunk.start, slots[lo:hi]))
             loaded = hi
         metrics = shared.engine.metrics
         metrics.labels(metrics.retrieved_tokens).inc(loaded - load.start)
@@ -167,32 +168,50 @@ class WorkerConnector:
     # -- store -------------------------------------------------------------------------
 
     def wait_for_save(self, meta: LMCacheConnectorMetadata) -> None:
-        """Finish this step's loads, then store the new chunks its forward pass computed."""
+        """Finish this step's loads, then store the new chunks its forward pass computed:
+        reserve slots for every request's new chunks, copy them all (one wait), publish."""
         self._finish_load()
         stores = [op for op in meta.requests if op.store_end is not None]
         if not stores:
             return
-        transfer = self._transfer()
-        transfer.begin_store()
+        engine = self.engine
+        planned: list[tuple[RequestOp, Reserved]] = []
+        jobs: list[ChunkJob] = []
+        keys: set[str] = set()
         for op in stores:
-            self._store(transfer, op)
+            try:
+                reserved = self._plan_store(op, jobs, keys)
+            except Exception:
+                logger.exception("LMCache store of request %s failed; not cached", op.req_id)
+                continue
+            planned.append((op, reserved))
+        try:
+            self._transfer().store(jobs)
+        except Exception:
+            logger.exception("LMCache KV copy out of the paged cache failed; not cached")
+            for _, reserved in planned:
+                engine.abort_chunks(reserved)
+            return
+        for op, reserved in planned:
+            assert op.store_end is not None
+            request_id = op.req_id if self.rank == 0 else None
+            try:
+                engine.commit_chunks(reserved, request_id, total_tokens=op.store_end)
+            except Exception:
+                logger.exception("LMCache store of request %s failed; not cached", op.req_id)
 
-    def _store(self, transfer: PagedTransfer, op: RequestOp) -> None:
+    def _plan_store(self, op: RequestOp, jobs: list[ChunkJob], keys: set[str]) -> Reserved:
+        """Reserve slots for the request's new chunks and queue their copies. A chunk another
+        request of this step already reserved (``keys``; same prompt prefix) is left to it."""
         assert op.store_end is not None
         slots = op.slots(self.block_size, op.store_end)
-
-        def fill(chunk: ChunkRange, dst: torch.Tensor) -> None:
-            transfer.gather(slots[chunk.start : chunk.end], dst)
-
-        try:
-            self.engine.store_chunks(
-                op.token_ids[: op.store_end],
-                fill,
-                request_id=op.req_id if self.rank == 0 else None,
-                skip_tokens=op.store_skip,
-            )
-        except Exception:
-            logger.exception("LMCache store of request %s failed; not cached", op.req_id)
+        tokens = op.token_ids[: op.store_end]
+        reserved = self.engine.reserve_chunks(tokens, skip_tokens=op.store_skip)
+        self.engine.abort_chunks([(c, b) for c, b in reserved if c.key in keys])
+        reserved = [(c, b) for c, b in reserved if c.key not in keys]
+        keys.update(c.key for c, _ in reserved)
+        jobs += store_jobs(reserved, slots)
+        return reserved
 
     def _transfer(self) -> PagedTransfer:
         if self.transfer is None:
