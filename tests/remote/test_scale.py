@@ -10,7 +10,7 @@ import torch
 from lmcache.spec import KVSpec
 from lmcache.storage.remote.devserver import RedisServer
 
-from .conftest import CHUNK, Tier
+from .conftest import CHUNK, Tier, wait_until
 
 LLAMA_8B = KVSpec(num_layers=32, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
 LLAMA_CHUNK = 256
@@ -67,3 +67,23 @@ def test_concurrent_threads(server: RedisServer, make_tier: Callable[..., Tier])
         assert all(pool.map(worker, range(8)))
     assert tier.value("lmcache_tier_errors_total", op="get") == 0
     assert tier.value("lmcache_dropped_writes_total") == 0
+
+
+def test_server_killed_during_a_large_load_never_yields_partial_chunks(
+    server: RedisServer, make_tier: Callable[..., Tier]
+) -> None:
+    """Killed mid-transfer: the chunks reported loaded are whole and exact, the rest unset."""
+    tier = make_tier(server.url, spec=LLAMA_8B, chunk=LLAMA_CHUNK, slots=12)
+    keys = [f"llama@1@0@bfloat16@kill{i}" for i in range(6)]
+    sent = [tier.buffer(LLAMA_CHUNK, 100 + i) for i in range(6)]
+    tier.write(keys, sent)
+    got = [tier.empty() for _ in keys]
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(tier.backend.load_prefix, keys, got)
+        wait_until(lambda: got[0].num_tokens > 0 or loading.done())  # the transfer is under way
+        server.kill()
+        loaded = loading.result(timeout=60)
+    assert 1 <= loaded <= len(keys)
+    for a, b in zip(sent[:loaded], got[:loaded], strict=True):
+        assert b.num_tokens == LLAMA_CHUNK and torch.equal(a.raw(), b.raw())
+    assert all(b.num_tokens == 0 for b in got[loaded:])
