@@ -53,6 +53,12 @@ class ApiError(Exception):
     def __init__(self, status: int, method: str, path: str, detail: str) -> None:
         super().__init__(f"{method} {path}: HTTP {status}: {detail}")
         self.status = status
+        self.detail = detail
+
+    @property
+    def namespace_terminating(self) -> bool:
+        """The API server refuses new objects in a namespace that is being deleted."""
+        return self.status == 403 and "being terminated" in self.detail
 
 
 def now_rfc3339() -> str:

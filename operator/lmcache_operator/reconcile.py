@@ -66,7 +66,11 @@ class Reconciler:
         apply_error = None
         try:
             self._apply(body, owner, rendered)
-        except (ApiError, OwnershipConflict) as e:
+        except ApiError as e:
+            if e.namespace_terminating:
+                return False  # the namespace is going; its deletion removes this object too
+            apply_error = str(e)
+        except OwnershipConflict as e:
             apply_error = str(e)
         self._publish(
             body,

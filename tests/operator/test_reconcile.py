@@ -384,3 +384,17 @@ def test_wrong_types_without_the_crd_schema_are_invalid_not_a_crash(
     reconciler(cluster).reconcile("ml", "demo")
     assert "spec.replicas: expected int" in condition(cluster, "ConfigValid")["message"]
     assert cluster.kinds() == []
+
+
+def test_terminating_namespace_stops_the_reconcile_quietly(cluster: FakeCluster) -> None:
+    create(cluster, {})
+    refused = ApiError(
+        403,
+        "PATCH",
+        "/x",
+        "unable to create new content in namespace ml because it is being terminated",
+    )
+    cluster.fail_apply = {"ConfigMap": [refused]}
+    assert reconciler(cluster).reconcile("ml", "demo") is False
+    cr = cluster.get(api.API_VERSION, api.KIND, "ml", "demo")
+    assert cr is not None and "status" not in cr, "no status written for a dying namespace"
