@@ -161,28 +161,26 @@ class StorageManager:
 
     def _commit(self, key: str, buffer: ChunkBuffer) -> bool:
         """Publish a filled buffer to the CPU cache and the lower tiers; False if a concurrent
-        store won the race."""
-        if self.config.local_cpu:
-            with self._lock:
+        store won the race.
+
+        The write-back references are taken under the same lock as the publication: once the
+        buffer is in the CPU index another thread may evict it, and a slot reused before its
+        write-back ran would put another chunk's bytes on disk under this key.
+        """
+        with self._lock:
+            if self.config.local_cpu:
                 if key in self.cpu:
                     buffer.refs -= 1
-                    lost = True
-                else:
-                    self.cpu.insert(key, buffer)
-                    lost = False
-            if lost:
-                self.pool.free(buffer)
-                return False
-        self._write_through(key, buffer)
+                    if buffer.refs == 0:
+                        self.pool.free(buffer)
+                    return False
+                self.cpu.insert(key, buffer)  # the caller's reference becomes the index's
+            buffer.refs += len(self.lower)
+        for tier in self.lower:
+            tier.submit(key, buffer, lambda: self.release(buffer))
         if not self.config.local_cpu:
             self.release(buffer)
         return True
-
-    def _write_through(self, key: str, buffer: ChunkBuffer) -> None:
-        for tier in self.lower:
-            with self._lock:
-                buffer.refs += 1
-            tier.submit(key, buffer, lambda: self.release(buffer))
 
     # -- lookup and load -----------------------------------------------------------------
 

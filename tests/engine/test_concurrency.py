@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from lmcache import KVSpec, LMCacheEngine, LMCacheEngineConfig
+from lmcache.memory.pool import ChunkBuffer
+from lmcache.storage.backend import StorageBackend, WriteDone
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=1, head_size=8, dtype=torch.float32)
 CHUNK = 8
@@ -65,3 +68,42 @@ def test_threads_never_see_wrong_kv(tmp_path: Path) -> None:
         assert pool.free_slots + len(engine.storage.cpu) == pool.num_slots, "no leaked slots"
     assert not errors, errors[:5]
     assert hits > 0
+
+
+class HoldingTier(StorageBackend):
+    """A lower tier that keeps every submitted write pending: it records how many references
+    the buffer carried when the tier first saw it."""
+
+    name = "holding"
+
+    def __init__(self) -> None:
+        self.refs_at_submit: list[int] = []
+        self.pending: list[WriteDone] = []
+
+    def contains_prefix(self, keys: Sequence[str]) -> int:
+        return 0
+
+    def load_prefix(self, keys: Sequence[str], buffers: Sequence[ChunkBuffer]) -> int:
+        return 0
+
+    def submit(self, key: str, buffer: ChunkBuffer, done: WriteDone) -> None:
+        self.refs_at_submit.append(buffer.refs)
+        self.pending.append(done)
+
+    def close(self) -> None:
+        for done in self.pending:
+            done()
+
+
+def test_write_back_references_are_taken_when_published() -> None:
+    """Once a chunk is in the CPU index another thread may evict it; if its write-back
+    reference were taken after that, the slot could be reused and another chunk's bytes
+    written under this key. So the first tier must already see every tier's reference."""
+    tiers = [HoldingTier(), HoldingTier()]
+    config = LMCacheEngineConfig.from_mapping(
+        {"chunk_size": CHUNK, "max_local_cpu_size": 4 * CHUNK * SPEC.bytes_per_token / (1 << 30)}
+    )
+    with LMCacheEngine(config, SPEC, "refs", lower_tiers=tiers) as engine:
+        prompt = list(range(CHUNK))
+        engine.store(prompt, kv_for(prompt))
+        assert tiers[0].refs_at_submit == [3], "index + one reference per lower tier"
