@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 .DEFAULT_GOAL := help
 
 help: ## list targets
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN{FS=":.*?## "}{printf "  %-18s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN{FS=":.*?## "}{printf "  %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml operator/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,13 @@ demo: $(STAMP) ## engine demo: a long context stored once, then queried cold vs 
 bench: $(STAMP) ## engine store/retrieve/lookup throughput vs raw torch copies (writes .bench/engine.json)
 	$(PY) benchmarks/bench_engine.py --out .bench/engine.json
 
-.PHONY: help venv lint unit test demo bench
+bench-vllm-transfer: $(STAMP) ## GPU: vLLM paged cache <-> pinned pool vs raw PCIe copies (writes .bench/vllm_transfer.json)
+	$(PY) benchmarks/bench_vllm_transfer.py --out .bench/vllm_transfer.json
+
+bench-serve: $(STAMP) ## GPU: the seed's cold/warm TTFT with a real vllm serve (writes .bench/vllm_serve.json)
+	$(PY) benchmarks/bench_vllm_serve.py --out .bench/vllm_serve.json --log .bench/vllm_serve.log
+
+.PHONY: help venv lint unit test demo bench bench-vllm-transfer bench-serve
 
 -include e2e/e2e.mk
 -include operator/operator.mk
