@@ -13,6 +13,7 @@ On CPU tensors the same code runs synchronously.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -107,8 +108,8 @@ class PagedKVCache:
 
 
 STAGING_BYTES = 256 << 20
-"""Device memory one transfer batch stages at most (or one chunk, if larger): bounds what a
-transfer borrows from vLLM's GPU memory while keeping the DMAs back to back."""
+"""Device memory a transfer stages in at most (two buffers, or two chunks if larger): bounds
+what a transfer borrows from vLLM's GPU memory while keeping the DMAs back to back."""
 
 
 @dataclass(frozen=True)
@@ -147,49 +148,82 @@ class _Batch:
 
 class PagedTransfer:
     """Copies between a :class:`PagedKVCache` and pinned ``[layers, kv, n, heads, head]``
-    chunk views: on CUDA asynchronously on a dedicated stream, on CPU synchronously, through
-    the same code (the device staging tensor is then a CPU tensor)."""
+    chunk views, on CPU synchronously and on CUDA asynchronously, through the same code.
+
+    On CUDA, gathers and scatters run on a kernel stream and the DMAs between device staging
+    and pinned memory on a copy stream, through two staging buffers used in turn: the copy
+    engine moves one batch while the kernels work on the next. Events order the two streams
+    per batch: a buffer is refilled only after the other stream is done with it.
+    """
 
     def __init__(self, cache: PagedKVCache, staging_bytes: int = STAGING_BYTES) -> None:
         self.cache = cache
         self.staging_bytes = staging_bytes
-        self.stream = torch.cuda.Stream(cache.device) if cache.device.type == "cuda" else None
+        cuda = cache.device.type == "cuda"
+        self.stream = torch.cuda.Stream(cache.device) if cuda else None
+        self.copy_stream = torch.cuda.Stream(cache.device) if cuda else None
         self._layer_events: list[torch.cuda.Event] = []
 
-    def _on_stream(self) -> AbstractContextManager[object]:
-        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+    @staticmethod
+    def _on(stream: torch.cuda.Stream | None) -> AbstractContextManager[object]:
+        return torch.cuda.stream(stream) if stream is not None else nullcontext()
 
-    def _after_compute(self) -> None:
-        """Order the side stream after everything the compute stream has queued so far."""
+    @staticmethod
+    def _record(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+        if stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    @staticmethod
+    def _wait(stream: torch.cuda.Stream | None, event: torch.cuda.Event | None) -> None:
+        if stream is not None and event is not None:
+            stream.wait_event(event)
+
+    def _begin(
+        self, num_layers: int, jobs: Sequence[ChunkJob]
+    ) -> tuple[list[_Batch], list[torch.Tensor]]:
+        """Order the kernel stream after the compute stream's queued work, index the jobs and
+        allocate the two staging buffers on it; then order the copy stream after it, since
+        the buffers may reuse memory that earlier kernel-stream work still touches."""
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with self._on(self.stream):
+            batches = self._batches(jobs, num_layers)
+            nbytes = max(len(b.jobs) * b.jobs[0].kv[:num_layers].nbytes for b in batches)
+            device = self.cache.device
+            ring = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        if self.copy_stream is not None and self.stream is not None:
+            self.copy_stream.wait_stream(self.stream)
+        return batches, ring
 
     def _batches(self, jobs: Sequence[ChunkJob], num_layers: int) -> list[_Batch]:
         """``jobs`` grouped by (chunk length, lo, hi) and split so that staging
-        ``num_layers`` layers of a batch takes at most ``staging_bytes``. Call on the stream:
-        the slot indexes are copied to the device here."""
+        ``num_layers`` layers of a batch fits one of the two staging buffers."""
         groups: dict[tuple[int, int, int], list[ChunkJob]] = {}
         for job in jobs:
             groups.setdefault((job.kv.shape[2], job.lo, job.hi), []).append(job)
         batches = []
         for group in groups.values():
             per_job = group[0].kv[:num_layers].nbytes
-            size = max(1, self.staging_bytes // per_job)
+            size = max(1, self.staging_bytes // 2 // per_job)
             for start in range(0, len(group), size):
                 part = group[start : start + size]
                 slots = torch.stack([job.slots for job in part])
                 batches.append(_Batch(part, self.cache.index(slots)))
         return batches
 
-    def _staging(self, batch: _Batch, num_layers: int) -> torch.Tensor:
-        """``[m, num_layers, kv, n, heads, head]`` on the cache's device, allocated on the
-        side stream: the caching allocator reuses it only for later work on the same stream,
-        so it lives exactly as long as the copies queued on it need."""
+    def _view(self, buffer: torch.Tensor, batch: _Batch, num_layers: int) -> torch.Tensor:
+        """A staging buffer as ``[m, num_layers, kv, n, heads, head]`` for ``batch``."""
         spec = self.cache.spec
-        shape = spec.shape(batch.jobs[0].kv.shape[2])[1:]
-        return torch.empty(
-            (len(batch.jobs), num_layers, *shape), dtype=spec.dtype, device=self.cache.device
-        )
+        shape = (len(batch.jobs), num_layers, *spec.shape(batch.jobs[0].kv.shape[2])[1:])
+        return buffer.view(spec.dtype)[: math.prod(shape)].view(shape)
+
+    def _synchronize(self) -> None:
+        for stream in (self.stream, self.copy_stream):
+            if stream is not None:
+                stream.synchronize()
 
     # -- store (paged -> pinned) ---------------------------------------------------------
 
@@ -204,17 +238,23 @@ class PagedTransfer:
             return
         cache = self.cache
         num_layers = len(cache.layers)
-        self._after_compute()
-        with self._on_stream():
-            for batch in self._batches(jobs, num_layers):
-                staged = self._staging(batch, num_layers)
-                lo, hi = batch.lo, batch.hi
+        batches, ring = self._begin(num_layers, jobs)
+        drained: list[torch.cuda.Event | None] = [None, None]
+        for i, batch in enumerate(batches):
+            buffer = i % 2
+            lo, hi = batch.lo, batch.hi
+            with self._on(self.stream):
+                self._wait(self.stream, drained[buffer])  # its last batch is on the host
+                staged = self._view(ring[buffer], batch, num_layers)
                 for layer in range(num_layers):
                     staged[:, layer, :, lo:hi] = cache.read(layer, batch.index)
+                gathered = self._record(self.stream)
+            with self._on(self.copy_stream):
+                self._wait(self.copy_stream, gathered)
                 for job, chunk in zip(batch.jobs, staged, strict=True):
                     job.kv[:, :, lo:hi].copy_(chunk[:, :, lo:hi], non_blocking=True)
-        if self.stream is not None:
-            self.stream.synchronize()
+                drained[buffer] = self._record(self.copy_stream)
+        self._synchronize()
 
     # -- load (pinned -> paged) ----------------------------------------------------------
 
@@ -225,40 +265,39 @@ class PagedTransfer:
         layer 0 while later layers are still in flight (:meth:`wait_layer`). Otherwise all
         layers of a batch of chunks at once (one DMA per chunk), and the compute stream waits
         for all of them here (on the GPU: no CPU stall, and safe under full CUDA graphs).
+        The pinned sources must stay alive until :meth:`finish_load`.
         """
         cache = self.cache
         self._layer_events = []
         if not jobs:
             return
         num_layers = len(cache.layers)
-        self._after_compute()
-        with self._on_stream():
-            if layerwise:
-                batches = self._batches(jobs, 1)
-                for layer in range(num_layers):
-                    for batch in batches:
-                        self._load_batch(batch, layer, layer + 1)
-                    self._record_layer()
-            else:
-                for batch in self._batches(jobs, num_layers):
-                    self._load_batch(batch, 0, num_layers)
+        per_step = 1 if layerwise else num_layers
+        batches, ring = self._begin(per_step, jobs)
+        steps = [(b, layer) for layer in range(0, num_layers, per_step) for b in batches]
+        drained: list[torch.cuda.Event | None] = [None, None]
+        for i, (batch, first) in enumerate(steps):
+            buffer = i % 2
+            with self._on(self.copy_stream):
+                self._wait(self.copy_stream, drained[buffer])  # its last batch is scattered
+                staged = self._view(ring[buffer], batch, per_step)
+                for job, chunk in zip(batch.jobs, staged, strict=True):
+                    chunk.copy_(job.kv[first : first + per_step], non_blocking=True)
+                arrived = self._record(self.copy_stream)
+            with self._on(self.stream):
+                self._wait(self.stream, arrived)
+                for offset in range(per_step):
+                    kv = staged[:, offset, :, batch.lo : batch.hi]
+                    cache.write(first + offset, batch.index, kv)
+                drained[buffer] = self._record(self.stream)
+            if layerwise and (i + 1) % len(batches) == 0:
+                self._record_layer()
         if self.stream is not None and not layerwise:
             torch.cuda.current_stream(cache.device).wait_stream(self.stream)
 
-    def _load_batch(self, batch: _Batch, first: int, last: int) -> None:
-        """Layers ``[first, last)`` of the batch's chunks: one DMA per chunk into staging,
-        then one scatter per layer of the batch's token range."""
-        staged = self._staging(batch, last - first)
-        for job, chunk in zip(batch.jobs, staged, strict=True):
-            chunk.copy_(job.kv[first:last], non_blocking=True)
-        lo, hi = batch.lo, batch.hi
-        for i, layer in enumerate(range(first, last)):
-            self.cache.write(layer, batch.index, staged[:, i, :, lo:hi])
-
     def _record_layer(self) -> None:
-        if self.stream is not None:
-            event = torch.cuda.Event()
-            event.record(self.stream)
+        event = self._record(self.stream)
+        if event is not None:
             self._layer_events.append(event)
 
     def wait_layer(self, layer: int) -> None:
@@ -268,6 +307,5 @@ class PagedTransfer:
 
     def finish_load(self) -> None:
         """Block until every issued load copy is done, so its pinned sources can be freed."""
-        if self.stream is not None:
-            self.stream.synchronize()
+        self._synchronize()
         self._layer_events = []
