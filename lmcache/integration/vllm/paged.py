@@ -4,10 +4,11 @@ A slot id is ``block_id * block_size + offset``, vLLM's own slot mapping. Each l
 tensor is indexed with (block, offset) pairs, so any stride order (NHD or HND) works without
 a copy of the cache. Transfers are batched: chunks of equal length share one device staging
 tensor and one gather or scatter kernel per layer, and each chunk crosses the bus as one
-large DMA between its staging block and its pinned pool slot. On CUDA everything runs on one
-dedicated stream with ``non_blocking=True``; a store waits once for the whole step, a
-layer-wise load records one event per layer so each attention layer waits only for its own KV.
-On CPU tensors the same code runs synchronously.
+large DMA between its staging block and its pinned pool slot. On CUDA the kernels run on a
+transfer stream and the DMAs (``non_blocking=True``) on a copy stream, overlapped batch by
+batch; a store waits once for the whole step, a layer-wise load records one event per layer
+so each attention layer waits only for its own KV. On CPU tensors the same code runs
+synchronously.
 """
 
 from __future__ import annotations
@@ -108,8 +109,10 @@ class PagedKVCache:
 
 
 STAGING_BYTES = 256 << 20
-"""Device memory a transfer stages in at most (two buffers, or two chunks if larger): bounds
-what a transfer borrows from vLLM's GPU memory while keeping the DMAs back to back."""
+"""Device staging a transfer uses at most (two buffers, or two chunks if larger), besides one
+layer of one batch in indexing temporaries: bounds what a transfer borrows from vLLM's GPU
+memory. Measured on an H200: 128-512 MiB all keep the DMAs back to back; 64 MiB and less
+leave the copy engine waiting on kernel launches."""
 
 
 @dataclass(frozen=True)
