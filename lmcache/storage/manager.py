@@ -60,9 +60,16 @@ class StorageManager:
     ) -> None:
         self.config = config
         self.metrics = metrics
-        self.pool = MemoryPool(config, spec)
-        self.cpu = CpuCache()
+        # Tiers first: their config errors (bad URL, refused credentials) must surface before
+        # the pool pins gigabytes.
         self.lower = list(lower) if lower is not None else build_lower_tiers(config, spec, metrics)
+        try:
+            self.pool = MemoryPool(config, spec)
+        except BaseException:
+            for tier in self.lower:
+                tier.close()
+            raise
+        self.cpu = CpuCache()
         self._lock = threading.Lock()
         metrics.labels(metrics.pool_total_bytes).set(self.pool.capacity)
 

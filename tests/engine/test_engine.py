@@ -170,3 +170,20 @@ def test_mla_spec_round_trip() -> None:
         engine.store(tokens(40), kv)
         n, out = engine.retrieve(tokens(40))
         assert n == 40 and torch.equal(out, kv)
+
+
+def test_bad_remote_url_fails_before_the_pool_is_allocated(monkeypatch: pytest.MonkeyPatch) -> None:
+    allocated: list[int] = []
+    real_empty = torch.zeros
+
+    def recording_zeros(*args: object, **kwargs: object) -> torch.Tensor:
+        allocated.append(1)
+        return real_empty(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "zeros", recording_zeros)
+    config = LMCacheEngineConfig.from_mapping(
+        {"chunk_size": CHUNK, "max_local_cpu_size": 0.01, "remote_url": "valkey://h:notaport"}
+    )
+    with pytest.raises(ConfigError, match="remote_url"):
+        LMCacheEngine(config, SPEC, "m")
+    assert not allocated, "the pool must not be allocated for a config that cannot work"
