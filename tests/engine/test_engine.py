@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -176,9 +177,9 @@ def test_bad_remote_url_fails_before_the_pool_is_allocated(monkeypatch: pytest.M
     allocated: list[int] = []
     real_empty = torch.zeros
 
-    def recording_zeros(*args: object, **kwargs: object) -> torch.Tensor:
+    def recording_zeros(*args: Any, **kwargs: Any) -> torch.Tensor:
         allocated.append(1)
-        return real_empty(*args, **kwargs)  # type: ignore[arg-type]
+        return real_empty(*args, **kwargs)
 
     monkeypatch.setattr(torch, "zeros", recording_zeros)
     config = LMCacheEngineConfig.from_mapping(
