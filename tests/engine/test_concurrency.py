@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lmcache import KVSpec, LMCacheEngine, LMCacheEngineConfig
+from lmcache import KVSpec, LMCacheEngine, LMCacheEngineConfig, PrefetchHandle
 from lmcache.memory.pool import ChunkBuffer
 from lmcache.storage.backend import StorageBackend, WriteDone
 
@@ -36,6 +36,7 @@ def test_threads_never_see_wrong_kv(tmp_path: Path) -> None:
     )
     prompts = [[p * 1000 + t for t in range(8 * CHUNK)] for p in range(6)]
     errors: list[str] = []
+    prefetches: list[PrefetchHandle] = []
     hits = 0
     hits_lock = threading.Lock()
 
@@ -48,7 +49,8 @@ def test_threads_never_see_wrong_kv(tmp_path: Path) -> None:
             if action < 0.4:
                 engine.store(prompt, kv_for(prompt))
             elif action < 0.5:
-                engine.prefetch(prompt)
+                with hits_lock:
+                    prefetches.append(engine.prefetch(prompt))
             else:
                 engine.lookup(prompt)
                 n, out = engine.retrieve(prompt)
@@ -63,6 +65,8 @@ def test_threads_never_see_wrong_kv(tmp_path: Path) -> None:
             thread.start()
         for thread in threads:
             thread.join()
+        for handle in prefetches:
+            handle.wait(timeout=60)
         assert engine.flush(timeout=60)
         pool = engine.storage.pool
         assert pool.free_slots + len(engine.storage.cpu) == pool.num_slots, "no leaked slots"
