@@ -43,7 +43,7 @@ def test_threads_never_see_wrong_kv(tmp_path: Path) -> None:
     def worker(seed: int) -> None:
         nonlocal hits
         rng = random.Random(seed)
-        for _ in range(60):
+        for _ in range(300):
             prompt = rng.choice(prompts)[: rng.randrange(CHUNK, 8 * CHUNK + 1)]
             action = rng.random()
             if action < 0.4:
