@@ -12,7 +12,6 @@ import torch
 from lmcache.config import LMCacheEngineConfig
 from lmcache.keys import ChunkRange, KeyScheme, Tokens
 from lmcache.log import log_lookup, log_store, setup_logging
-from lmcache.memory.pool import ChunkBuffer
 from lmcache.metrics import EngineMetrics
 from lmcache.spec import KVSpec
 from lmcache.storage.backend import StorageBackend
@@ -204,4 +203,4 @@ class LMCacheEngine:
         self.close()
 
 
-__all__ = ["ChunkBuffer", "LMCacheEngine", "PrefetchHandle"]
+__all__ = ["LMCacheEngine", "PrefetchHandle"]
