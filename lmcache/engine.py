@@ -120,15 +120,21 @@ class LMCacheEngine:
 
     def lookup(self, tokens: Tokens, request_id: str | None = None) -> int:
         """Length in tokens of the longest prefix of ``tokens`` held by any tier."""
-        chunks = self.chunks(tokens)
+        return self.lookup_chunks(self.chunks(tokens), len(tokens), request_id)
+
+    def lookup_chunks(
+        self, chunks: list[ChunkRange], total_tokens: int, request_id: str | None = None
+    ) -> int:
+        """:meth:`lookup` for chunks from :meth:`chunks`: a caller that asks about the same
+        prompt again (vLLM re-checks waiting requests every step) hashes it only once."""
         found, in_cpu = self.storage.lookup([c.key for c in chunks])
         hit = chunks[found - 1].end if found else 0
         m = self.metrics
         m.labels(m.lookups).inc()
-        m.labels(m.lookup_tokens).inc(len(tokens))
+        m.labels(m.lookup_tokens).inc(total_tokens)
         m.labels(m.hit_tokens).inc(hit)
         if request_id is not None:
-            log_lookup(request_id, len(tokens), hit, hit)
+            log_lookup(request_id, total_tokens, hit, hit)
         if self.config.prefetch and found > in_cpu:
             self._prefetcher.submit(self._prefetch, chunks[:found])
         return hit

@@ -221,16 +221,20 @@ class Rig:
         assert shared is not None
         return shared
 
-    def add(self, request_id: str, prompt: list[int], max_tokens: int = 1) -> Request:
+    @staticmethod
+    def make_request(request_id: str, prompt: list[int], max_tokens: int = 1) -> Request:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         params.update_from_generation_config({}, EOS)
-        request = Request(
+        return Request(
             request_id=request_id,
             prompt_token_ids=prompt,
             sampling_params=params,
             pooling_params=None,
             block_hasher=get_request_block_hasher(BLOCK, sha256),
         )
+
+    def add(self, request_id: str, prompt: list[int], max_tokens: int = 1) -> Request:
+        request = self.make_request(request_id, prompt, max_tokens)
         self.scheduler.add_request(request)
         self.prompts[request_id] = prompt
         return request

@@ -13,6 +13,7 @@ from vllm.lora.request import LoRARequest
 from vllm.v1.request import Request
 
 from lmcache.integration.vllm.paged import PagedLayout
+from lmcache.keys import ChunkRange
 from tests.vllm.conftest import BLOCK, CHUNK, CUDA, HEAD_SIZE, HEADS, LAYERS, Rig, RigFactory
 
 
@@ -288,3 +289,32 @@ def test_reregistered_kv_caches_keep_the_engine(rig_factory: RigFactory) -> None
     rig.add("r3", tokens)
     rig.run()
     rig.check("r3", 0, 90)  # the refused tensors were not taken
+
+
+def test_a_waiting_request_is_hashed_once(
+    rig_factory: RigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM asks again about a waiting request every step; its chunk keys are computed once
+    and dropped when the request finishes."""
+    rig = rig_factory()
+    tokens = prompt(150)
+    serve_then_evict(rig, "r1", tokens)
+    engine = rig.shared.engine
+    hashed: list[int] = []
+    real_chunks = engine.chunks
+
+    def counting_chunks(prompt_tokens: list[int]) -> list[ChunkRange]:
+        hashed.append(len(prompt_tokens))
+        return real_chunks(prompt_tokens)
+
+    monkeypatch.setattr(engine, "chunks", counting_chunks)
+    connector = rig.scheduler.connector
+    assert connector is not None
+    request = rig.make_request("r2", tokens)
+    first = connector.get_num_new_matched_tokens(request, 0)
+    second = connector.get_num_new_matched_tokens(request, 0)
+    assert first == second and first[0] == 149
+    assert hashed == [150]
+    connector.request_finished(request, [])
+    connector.get_num_new_matched_tokens(request, 0)
+    assert hashed == [150, 150], "a finished request's keys are not kept"

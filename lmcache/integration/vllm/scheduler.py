@@ -15,6 +15,7 @@ from lmcache.integration.vllm import settings
 from lmcache.integration.vllm.lookup import LookupClient
 from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata, LoadSpec, RequestOp
 from lmcache.integration.vllm.shared import SharedEngine, find
+from lmcache.keys import ChunkRange
 from lmcache.log import log_lookup
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class SchedulerConnector:
         self.loads, self.stores = settings.directions(vllm_config)
         self._client: LookupClient | None = None
         self._hits: dict[str, int] = {}
+        self._chunks: dict[str, list[ChunkRange]] = {}  # a waiting request's keys, hashed once
         self._plans: dict[str, LoadSpec] = {}
         self._loads: dict[str, LoadSpec] = {}
         self._trackers: dict[str, _Tracker] = {}
@@ -56,10 +58,13 @@ class SchedulerConnector:
     def _shared(self) -> SharedEngine | None:
         return find(self.instance_id)
 
-    def _lookup(self, tokens: list[int]) -> int:
+    def _lookup(self, req_id: str, tokens: list[int]) -> int:
         shared = self._shared()
         if shared is not None:
-            return shared.engine.lookup(tokens)
+            chunks = self._chunks.get(req_id)
+            if chunks is None:
+                chunks = self._chunks[req_id] = shared.engine.chunks(tokens)
+            return shared.engine.lookup_chunks(chunks, len(tokens))
         if self._client is None:
             self._client = LookupClient(self.instance_id)
         return self._client.lookup(tokens)
@@ -72,7 +77,7 @@ class SchedulerConnector:
         tokens = request.prompt_token_ids
         if not tokens or not self.loads or not cacheable(request):
             return 0
-        hit = self._lookup(list(tokens))
+        hit = self._lookup(request.request_id, list(tokens))
         load_end = min(hit, request.num_tokens - 1)
         need = max(0, load_end - num_computed_tokens)
         log_lookup(request.request_id, request.num_tokens, hit, need)
@@ -173,6 +178,7 @@ class SchedulerConnector:
     def _forget(self, req_id: str) -> None:
         self._release(req_id)
         self._hits.pop(req_id, None)
+        self._chunks.pop(req_id, None)
         self._trackers.pop(req_id, None)
 
     def close(self) -> None:
