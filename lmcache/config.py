@@ -267,7 +267,7 @@ KEYS: tuple[KeySpec, ...] = (
         "metrics_port",
         _parse_optional_int,
         None,
-        "serve Prometheus metrics on this port (unset = no HTTP endpoint)",
+        "serve Prometheus metrics on this port + the TP rank (unset = no HTTP endpoint)",
         _port,
     ),
 )

@@ -52,11 +52,14 @@ class LMCacheEngine:
         self.spec = spec
         self.scheme = KeyScheme(model_name, world_size, rank, spec.dtype_name, config.chunk_size)
         self.metrics = EngineMetrics({"model": model_name, "rank": str(rank)})
-        self.storage = StorageManager(config, spec, self.metrics, lower_tiers)
+        self.storage = StorageManager(
+            config, spec, self.metrics, self.scheme.shard_name, lower_tiers
+        )
         self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lmcache-prefetch")
         self._closed = False
         if config.metrics_port:
-            self.metrics.serve(config.metrics_port)
+            # One engine per TP rank, each in its own process: rank r serves port + r.
+            self.metrics.serve(config.metrics_port + rank)
 
     # -- keys ----------------------------------------------------------------------------
 

@@ -48,7 +48,18 @@ class KeyScheme:
 
     @property
     def prefix(self) -> str:
-        return f"{self.model_name}@{self.world_size}@{self.rank}@{self.dtype_name}@"
+        """Everything a key depends on besides the tokens. ``chunk_size`` is part of it: with
+        another chunk size the same token prefix ends a chunk of another length."""
+        return (
+            f"{self.model_name}@{self.world_size}@{self.rank}@{self.dtype_name}@{self.chunk_size}@"
+        )
+
+    @property
+    def shard_name(self) -> str:
+        """A file-system-safe name for this engine's share of a local disk."""
+        return (
+            f"rank{self.rank}-of-{self.world_size}-{xxhash.xxh3_64_hexdigest(self.prefix.encode())}"
+        )
 
     def chunks(self, tokens: Tokens, include_partial: bool) -> list[ChunkRange]:
         """Chunk ranges with keys; the trailing partial chunk only if ``include_partial``."""

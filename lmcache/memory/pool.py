@@ -93,18 +93,20 @@ class MemoryPool:
             if cuda:
                 self._register(buffer)
             return buffer
+        # Commit the pages now: no page faults on the request path, and a pod over its memory
+        # limit fails at start-up rather than mid-request.
+        buffer = torch.zeros(self.capacity, dtype=torch.uint8)
         if cuda:
-            self.pinned = True
-            return torch.empty(self.capacity, dtype=torch.uint8, pin_memory=True)
-        # Commit the pages now, as pinning would: no page faults on the request path, and a
-        # pod over its memory limit fails at start-up rather than mid-request.
-        return torch.zeros(self.capacity, dtype=torch.uint8)
+            # Not torch's pin_memory=True: its caching host allocator rounds every block up to a
+            # power of two, so a 5 GB pool would lock 8 GiB. Registering locks exactly our bytes.
+            self._register(buffer)
+        return buffer
 
     def _register(self, buffer: torch.Tensor) -> None:
-        """Page-lock a hugepage mapping with CUDA so copies to the GPU are DMA, not staged."""
+        """Page-lock the pool with CUDA so copies to and from the GPU are DMA, not staged."""
         err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
         if int(err) != 0:
-            raise RuntimeError(f"cudaHostRegister of the hugepage pool failed: {err}")
+            raise RuntimeError(f"cudaHostRegister of the {buffer.numel()}-byte pool failed: {err}")
         self._registered = self.pinned = True
 
     def slot_bytes(self, slot: int) -> torch.Tensor:

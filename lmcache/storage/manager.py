@@ -34,14 +34,20 @@ Reserved = list[tuple[ChunkRange, ChunkBuffer]]
 
 
 def build_lower_tiers(
-    config: LMCacheEngineConfig, spec: KVSpec, metrics: EngineMetrics
+    config: LMCacheEngineConfig, spec: KVSpec, metrics: EngineMetrics, shard: str
 ) -> list[StorageBackend]:
-    """The configured tiers below the CPU cache, fastest first."""
+    """The configured tiers below the CPU cache, fastest first.
+
+    ``shard`` names this engine's own folder under ``local_disk``: TP ranks (and models) of one
+    pod share the volume, and each disk tier indexes, budgets and evicts only its own files.
+    """
     tiers: list[StorageBackend] = []
     disk_path = config.local_disk_path
     if disk_path is not None and config.max_local_disk_bytes > 0:
         tiers.append(
-            DiskBackend(disk_path, config.max_local_disk_bytes, spec, config.chunk_size, metrics)
+            DiskBackend(
+                disk_path / shard, config.max_local_disk_bytes, spec, config.chunk_size, metrics
+            )
         )
     if config.remote_url:
         from lmcache.storage.remote import create_remote_backend
@@ -56,13 +62,16 @@ class StorageManager:
         config: LMCacheEngineConfig,
         spec: KVSpec,
         metrics: EngineMetrics,
+        shard: str,
         lower: Sequence[StorageBackend] | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         # Tiers first: their config errors (bad URL, refused credentials) must surface before
         # the pool pins gigabytes.
-        self.lower = list(lower) if lower is not None else build_lower_tiers(config, spec, metrics)
+        self.lower = (
+            list(lower) if lower is not None else build_lower_tiers(config, spec, metrics, shard)
+        )
         try:
             self.pool = MemoryPool(config, spec)
         except BaseException:

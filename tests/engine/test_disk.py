@@ -24,7 +24,7 @@ def disk_of(engine: object) -> DiskBackend:
 
 
 def chunk_files(path: Path) -> list[Path]:
-    return sorted(path.glob("*" + SUFFIX))
+    return sorted(path.rglob("*" + SUFFIX))
 
 
 def test_cache_survives_restart(make_engine: EngineFactory, tmp_path: Path) -> None:
@@ -157,3 +157,32 @@ def test_lookup_triggers_prefetch_when_enabled(make_engine: EngineFactory, tmp_p
     engine._prefetcher.shutdown(wait=True)  # drain the background load started by lookup
     keys = [c.key for c in engine.chunks(tokens(32))]
     assert engine.storage.cpu_prefix(keys) == 2
+
+
+def test_tp_ranks_share_a_volume_without_touching_each_other(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """Every TP rank of a pod runs its own engine on the same local_disk: each keeps to its own
+    folder, so a restart never indexes (and a small budget never evicts) another rank's files."""
+    ranks = [make_engine(rank=r, world_size=2, **disk_config(tmp_path, chunks=2)) for r in (0, 1)]
+    for rank, engine in enumerate(ranks):
+        engine.store(tokens(32), random_kv(32, seed=rank))
+        assert engine.flush(timeout=30)
+        engine.close()
+    restarted = make_engine(rank=0, world_size=2, **disk_config(tmp_path, chunks=1))
+    assert disk_of(restarted).used_bytes <= restarted.config.max_local_disk_bytes
+    rank1_files = chunk_files(tmp_path / disk_of(ranks[1]).directory.name)
+    assert len(rank1_files) == 2, "rank 0's eviction left rank 1's files alone"
+
+
+def test_another_chunk_size_never_loads_foreign_chunks(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    kv = random_kv(33)
+    writer = make_engine(**disk_config(tmp_path))  # chunk 16: stores [0:16) [16:32) [32:33)
+    writer.store(tokens(33), kv)
+    assert writer.flush(timeout=30)
+    writer.close()
+    reader = make_engine(chunk_size=32, **disk_config(tmp_path))
+    n, out = reader.retrieve(tokens(33))
+    assert n == 0 and out.shape[2] == 0

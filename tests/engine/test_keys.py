@@ -66,3 +66,12 @@ def test_keys_are_stable_across_processes() -> None:
         for seed in ("1", "2")
     }
     assert outputs == {keys(list(range(9)))[-1]}
+
+
+def test_chunk_size_is_part_of_the_key() -> None:
+    """With chunk size 4 the 5-token prefix ends a 1-token chunk, with 8 a 5-token chunk: the
+    same token hash must not name both, or one would load the other's KV."""
+    small = KeyScheme("llama", 1, 0, "bfloat16", chunk_size=4).chunks(list(range(5)), True)
+    large = KeyScheme("llama", 1, 0, "bfloat16", chunk_size=8).chunks(list(range(5)), True)
+    assert (small[-1].num_tokens, large[-1].num_tokens) == (1, 5)
+    assert small[-1].key != large[-1].key

@@ -107,7 +107,7 @@ def test_no_write_through_before_commit(make_engine: EngineFactory, tmp_path: Pa
     reserved = engine.reserve_chunks(tokens(64))
     fill_from(random_kv(64), reserved)
     assert engine.flush(timeout=30)
-    assert disk.contains_prefix(keys) == 0 and not list(tmp_path.iterdir())
+    assert disk.contains_prefix(keys) == 0 and not list(tmp_path.rglob("*.kv"))
     engine.commit_chunks(reserved)
     assert engine.flush(timeout=30)
     assert disk.contains_prefix(keys) == 4

@@ -243,21 +243,25 @@ class PagedTransfer:
         num_layers = len(cache.layers)
         batches, ring = self._begin(num_layers, jobs)
         drained: list[torch.cuda.Event | None] = [None, None]
-        for i, batch in enumerate(batches):
-            buffer = i % 2
-            lo, hi = batch.lo, batch.hi
-            with self._on(self.stream):
-                self._wait(self.stream, drained[buffer])  # its last batch is on the host
-                staged = self._view(ring[buffer], batch, num_layers)
-                for layer in range(num_layers):
-                    staged[:, layer, :, lo:hi] = cache.read(layer, batch.index)
-                gathered = self._record(self.stream)
-            with self._on(self.copy_stream):
-                self._wait(self.copy_stream, gathered)
-                for job, chunk in zip(batch.jobs, staged, strict=True):
-                    job.kv[:, :, lo:hi].copy_(chunk[:, :, lo:hi], non_blocking=True)
-                drained[buffer] = self._record(self.copy_stream)
-        self._synchronize()
+        try:
+            for i, batch in enumerate(batches):
+                buffer = i % 2
+                lo, hi = batch.lo, batch.hi
+                with self._on(self.stream):
+                    self._wait(self.stream, drained[buffer])  # its last batch is on the host
+                    staged = self._view(ring[buffer], batch, num_layers)
+                    for layer in range(num_layers):
+                        staged[:, layer, :, lo:hi] = cache.read(layer, batch.index)
+                    gathered = self._record(self.stream)
+                with self._on(self.copy_stream):
+                    self._wait(self.copy_stream, gathered)
+                    for job, chunk in zip(batch.jobs, staged, strict=True):
+                        job.kv[:, :, lo:hi].copy_(chunk[:, :, lo:hi], non_blocking=True)
+                    drained[buffer] = self._record(self.copy_stream)
+        finally:
+            # Also on failure: the caller frees the reserved slots, and copies already queued
+            # into them must have landed before any slot is reused.
+            self._synchronize()
 
     # -- load (pinned -> paged) ----------------------------------------------------------
 
