@@ -145,7 +145,8 @@ class Reconciler:
         try:
             self.cluster.apply(desired)
         except ApiError as e:
-            if e.status != 422 or desired["kind"] != "StatefulSet" or live is None:
+            immutable = e.status == 422 and "updates to statefulset spec" in e.detail
+            if not immutable or desired["kind"] != "StatefulSet" or live is None:
                 raise
             log.info("replacing %s: %s", desired["metadata"]["name"], e)
             self.cluster.delete(*key_of(desired))

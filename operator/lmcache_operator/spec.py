@@ -364,19 +364,7 @@ def problems(spec: Spec) -> list[str]:
             f"spec.lmcache.localDisk.path: {spec.lmcache.local_disk.path!r} must be absolute"
         )
     if spec.remote.url:
-        url = urlsplit(spec.remote.url)
-        if url.scheme not in REMOTE_SCHEMES:
-            found.append(
-                f"spec.remote.url: scheme {url.scheme!r} not supported; "
-                f"use one of {', '.join(s + '://' for s in REMOTE_SCHEMES)}"
-            )
-        if url.username or url.password:
-            found.append(
-                "spec.remote.url: must not carry credentials; "
-                "put them in the Secret named by remote.credentialsSecretRef"
-            )
-        if not url.hostname:
-            found.append(f"spec.remote.url: {spec.remote.url!r} has no host")
+        found.extend(_remote_url_problems(spec.remote.url))
     if spec.valkey.enabled and spec.valkey.memory is not None:
         limit, cap = quantity.parse(spec.valkey.memory), quantity.parse(spec.valkey.max_memory)
         if limit <= cap:
@@ -385,4 +373,28 @@ def problems(spec: Spec) -> list[str]:
                 f"valkey.maxMemory {spec.valkey.max_memory} (the server needs headroom "
                 "above its data, or the kernel kills it instead of Valkey evicting)"
             )
+    return found
+
+
+def _remote_url_problems(raw: str) -> list[str]:
+    """What the engine would refuse in ``remote.url``, and credentials that would leak into the
+    ConfigMap (they belong in the Secret)."""
+    try:
+        url = urlsplit(raw)
+        _ = url.port  # parses the port: raises on a malformed one
+    except ValueError as e:
+        return [f"spec.remote.url: {raw!r} is not a valid URL ({e})"]
+    found = []
+    if url.scheme not in REMOTE_SCHEMES:
+        found.append(
+            f"spec.remote.url: scheme {url.scheme!r} not supported; "
+            f"use one of {', '.join(s + '://' for s in REMOTE_SCHEMES)}"
+        )
+    if url.username or url.password or "password" in url.query.lower():
+        found.append(
+            "spec.remote.url: must not carry credentials; "
+            "put them in the Secret named by remote.credentialsSecretRef"
+        )
+    if not url.hostname:
+        found.append(f"spec.remote.url: {raw!r} has no host")
     return found

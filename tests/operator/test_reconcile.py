@@ -367,7 +367,12 @@ def test_immutable_statefulset_change_replaces_the_valkey_server(cluster: FakeCl
     r = reconciler(cluster)
     r.reconcile("ml", "demo")
     create(cluster, {"valkey": {"enabled": True, "persistence": {"enabled": True}}}, generation=2)
-    cluster.fail_apply = {"StatefulSet": [ApiError(422, "PATCH", "/x", "spec: Forbidden")]}
+    refused = (
+        'StatefulSet.apps "demo-valkey" is invalid: spec: Forbidden: updates to statefulset spec '
+        "for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', "
+        "'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden"
+    )
+    cluster.fail_apply = {"StatefulSet": [ApiError(422, "PATCH", "/x", refused)]}
     cluster.writes.clear()
     r.reconcile("ml", "demo")
     assert ("delete", "StatefulSet", "demo-valkey") in cluster.writes
@@ -398,3 +403,16 @@ def test_terminating_namespace_stops_the_reconcile_quietly(cluster: FakeCluster)
     assert reconciler(cluster).reconcile("ml", "demo") is False
     cr = cluster.get(api.API_VERSION, api.KIND, "ml", "demo")
     assert cr is not None and "status" not in cr, "no status written for a dying namespace"
+
+
+def test_other_invalid_statefulset_changes_never_delete_valkey(cluster: FakeCluster) -> None:
+    create(cluster, {"valkey": {"enabled": True}})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    create(cluster, {"valkey": {"enabled": True, "persistence": {"enabled": True}}}, generation=2)
+    invalid = ApiError(422, "PATCH", "/x", "spec.volumeClaimTemplates[0]: Invalid value")
+    cluster.fail_apply = {"StatefulSet": [invalid]}
+    cluster.writes.clear()
+    with pytest.raises(ReconcileError):
+        r.reconcile("ml", "demo")
+    assert ("delete", "StatefulSet", "demo-valkey") not in cluster.writes

@@ -245,6 +245,18 @@ def test_local_disk_emptydir_with_headroom_and_config() -> None:
     assert config(spec)["max_local_disk_size"] == 100
 
 
+def test_local_disk_volume_holds_every_tp_rank() -> None:
+    """Each TP rank runs its own disk tier of max_local_disk_size on the shared volume."""
+    spec = {
+        "lmcache": {"localDisk": {"enabled": True, "size": 100}},
+        "vllm": {"tensorParallelSize": 2},
+        "resources": {"gpus": 2},
+    }
+    vols = {v["name"]: v for v in pod(spec)["volumes"]}
+    assert vols["lmcache-disk"]["emptyDir"]["sizeLimit"] == "220Gi"
+    assert config(spec)["max_local_disk_size"] == 100
+
+
 def test_local_disk_with_storage_class_is_a_per_pod_ephemeral_pvc() -> None:
     spec = {
         "lmcache": {

@@ -146,6 +146,18 @@ def test_a_valid_spec_has_no_problems() -> None:
             "spec.remote.url: must not carry credentials",
         ),
         (
+            {"remote": {"url": "redis://x:6379?password=hunter2"}},
+            "spec.remote.url: must not carry credentials",
+        ),
+        (
+            {"remote": {"url": "redis://x:abc"}},
+            "spec.remote.url: 'redis://x:abc' is not a valid URL",
+        ),
+        (
+            {"remote": {"url": "redis://[::1:6379"}},
+            "is not a valid URL",
+        ),
+        (
             {"valkey": {"enabled": True, "maxMemory": "8Gi", "resources": {"memory": "8Gi"}}},
             "spec.valkey.resources.memory: 8Gi must exceed valkey.maxMemory 8Gi",
         ),

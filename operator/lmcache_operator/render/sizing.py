@@ -38,7 +38,9 @@ def container_memory(spec: Spec) -> str:
     return quantity.format_binary(total)
 
 
-def disk_volume_bytes(size_gb: float) -> int:
-    """The disk tier's volume: its GB (2^30) plus 10% for file-system and index overhead,
-    because an emptyDir over its sizeLimit gets the whole pod evicted."""
-    return math.ceil(Fraction(size_gb) * quantity.GIB * Fraction(11, 10) / (1 << 20)) << 20
+def disk_volume_bytes(size_gb: float, engine_processes: int) -> int:
+    """The disk tier's volume: its GB (2^30) for each engine process (every TP rank keeps its
+    own disk tier of that size in its own folder) plus 10% for file-system and index
+    overhead, because an emptyDir over its sizeLimit gets the whole pod evicted."""
+    total = Fraction(size_gb) * engine_processes * quantity.GIB * Fraction(11, 10)
+    return math.ceil(total / (1 << 20)) << 20

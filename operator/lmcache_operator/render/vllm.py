@@ -98,7 +98,7 @@ def _volumes(spec: Spec, owner: Owner) -> tuple[list[dict[str, Any]], list[dict[
         mounts.append({"name": "hugepages", "mountPath": HUGEPAGES_MOUNT})
     disk = spec.lmcache.local_disk
     if disk.enabled and disk.size:
-        size = quantity.format_binary(sizing.disk_volume_bytes(disk.size))
+        size = quantity.format_binary(sizing.disk_volume_bytes(disk.size, spec.engine_processes))
         if disk.storage_class:
             volumes.append(
                 {
