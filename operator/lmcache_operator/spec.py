@@ -325,11 +325,35 @@ MANAGED_VLLM_FLAGS = {
     "--host": "(set by the operator)",
 }
 
+# vLLM flags that would change what the pod is sized for, or override any managed flag.
+REFUSED_VLLM_FLAGS = {
+    "--pipeline-parallel-size": "GPUs and hugepages are sized for tensorParallelSize ranks only",
+    "-pp": "GPUs and hugepages are sized for tensorParallelSize ranks only",
+    "--data-parallel-size": "GPUs and hugepages are sized for tensorParallelSize ranks only",
+    "-dp": "GPUs and hugepages are sized for tensorParallelSize ranks only",
+    "--config": "a config file could override the flags the operator renders",
+}
+
 REMOTE_SCHEMES = ("valkey", "valkeys", "redis", "rediss")
 
 
 def _flag_name(arg: str) -> str:
-    return arg.split("=", 1)[0]
+    """The flag as vLLM's parser resolves it: ``--a_b=x`` and ``--a-b.key=x`` both set ``--a-b``."""
+    name = arg.split("=", 1)[0]
+    if name.startswith("--"):
+        name = "--" + name[2:].split(".", 1)[0].replace("_", "-")
+    return name
+
+
+def _resolve(flag: str, known: Mapping[str, str]) -> str | None:
+    """The known flag ``flag`` names, exactly or as argparse's unambiguous abbreviation."""
+    if flag in known:
+        return flag
+    if flag.startswith("--") and len(flag) > 3:
+        matches = [name for name in known if name.startswith(flag)]
+        if len(matches) == 1:
+            return matches[0]
+    return None
 
 
 def problems(spec: Spec) -> list[str]:
@@ -342,10 +366,16 @@ def problems(spec: Spec) -> list[str]:
         )
     for arg in spec.vllm.extra_args:
         flag = _flag_name(arg)
-        if flag in MANAGED_VLLM_FLAGS:
+        if managed := _resolve(flag, MANAGED_VLLM_FLAGS):
+            shown = arg.split("=", 1)[0]
+            alias = "" if shown == managed else f" (vLLM reads it as {managed})"
             found.append(
-                f"spec.vllm.extraArgs: {flag} is rendered by the operator; "
-                f"use {MANAGED_VLLM_FLAGS[flag]}"
+                f"spec.vllm.extraArgs: {shown}{alias} is rendered by the operator; "
+                f"use {MANAGED_VLLM_FLAGS[managed]}"
+            )
+        elif refused := _resolve(flag, REFUSED_VLLM_FLAGS):
+            found.append(
+                f"spec.vllm.extraArgs: {refused} is not supported: {REFUSED_VLLM_FLAGS[refused]}"
             )
     for i, var in enumerate(spec.vllm.env):
         name = str(var.get("name", ""))

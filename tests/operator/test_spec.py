@@ -119,6 +119,26 @@ def test_a_valid_spec_has_no_problems() -> None:
             "spec.vllm.extraArgs: --tensor-parallel-size is rendered by the operator",
         ),
         (
+            {"vllm": {"extraArgs": ["--tensor_parallel_size=4"]}},
+            "--tensor_parallel_size (vLLM reads it as --tensor-parallel-size) is rendered",
+        ),
+        (
+            {"vllm": {"extraArgs": ["--tensor-parallel=8"]}},
+            "--tensor-parallel (vLLM reads it as --tensor-parallel-size) is rendered",
+        ),
+        (
+            {"vllm": {"extraArgs": ["--kv-transfer-config.kv_role=kv_consumer"]}},
+            "(vLLM reads it as --kv-transfer-config) is rendered by the operator",
+        ),
+        (
+            {"vllm": {"extraArgs": ["-pp", "2"]}},
+            "spec.vllm.extraArgs: -pp is not supported: GPUs and hugepages are sized",
+        ),
+        (
+            {"vllm": {"extraArgs": ["--data-parallel-size=2"]}},
+            "spec.vllm.extraArgs: --data-parallel-size is not supported",
+        ),
+        (
             {"vllm": {"extraArgs": ["--kv-transfer-config", "{}"]}},
             "spec.vllm.extraArgs: --kv-transfer-config is rendered by the operator",
         ),
