@@ -97,11 +97,13 @@ def configmap(spec: Spec, owner: Owner) -> Manifest:
 
 
 def _command(spec: Spec) -> list[str]:
-    """With auth, the password goes from env into a tmpfs file, not onto the command line."""
+    """With auth, the password goes from env into a tmpfs file, not onto the command line,
+    double-quoted with backslashes and quotes escaped so any password parses as one value."""
     if not spec.valkey.auth.enabled:
         return ["valkey-server", "/etc/valkey/valkey.conf"]
     script = (
-        f'printf "requirepass %s\\n" "$VALKEY_PASSWORD" > {AUTH_FILE} '
+        """escaped=$(printf '%s' "$VALKEY_PASSWORD" | sed 's/[\\\\"]/\\\\&/g') && """
+        f"""printf 'requirepass "%s"\\n' "$escaped" > {AUTH_FILE} """
         "&& exec valkey-server /etc/valkey/valkey.conf"
     )
     return ["sh", "-c", script]
