@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmcache import LMCacheEngine
 from lmcache.storage.disk import SUFFIX, DiskBackend
 from lmcache.storage.serde import FIXED_SIZE
 from tests.engine.conftest import CHUNK_BYTES, EngineFactory, random_kv, tokens
@@ -23,16 +24,23 @@ def disk_of(engine: object) -> DiskBackend:
     return tier
 
 
+def persist(make_engine: EngineFactory, tmp_path: Path, kv: torch.Tensor) -> LMCacheEngine:
+    """Store ``kv`` for the first tokens through an engine with a disk tier, wait until it is on
+    disk, and close that engine (as before a restart); returns it for its keys and paths."""
+    writer = make_engine(**disk_config(tmp_path))
+    writer.store(tokens(kv.shape[2]), kv)
+    assert writer.flush(timeout=30)
+    writer.close()
+    return writer
+
+
 def chunk_files(path: Path) -> list[Path]:
     return sorted(path.rglob("*" + SUFFIX))
 
 
 def test_cache_survives_restart(make_engine: EngineFactory, tmp_path: Path) -> None:
     kv = random_kv(64)
-    first = make_engine(**disk_config(tmp_path))
-    first.store(tokens(64), kv)
-    assert first.flush(timeout=30)
-    first.close()
+    persist(make_engine, tmp_path, kv)
     assert len(chunk_files(tmp_path)) == 4
 
     second = make_engine(**disk_config(tmp_path))
@@ -56,10 +64,7 @@ def test_corrupt_file_is_a_miss_and_removed(
     make_engine: EngineFactory, tmp_path: Path, damage: str
 ) -> None:
     kv = random_kv(32)
-    writer = make_engine(**disk_config(tmp_path))
-    writer.store(tokens(32), kv)
-    assert writer.flush(timeout=30)
-    writer.close()
+    writer = persist(make_engine, tmp_path, kv)
     first, second = (disk_of(writer).path_of(c.key) for c in writer.chunks(tokens(32)))
     data = bytearray(second.read_bytes())
     if damage == "flip_payload":
@@ -134,10 +139,7 @@ def test_full_disk_is_a_counted_miss(make_engine: EngineFactory, tmp_path: Path)
 
 def test_prefetch_warms_cpu_from_disk(make_engine: EngineFactory, tmp_path: Path) -> None:
     kv = random_kv(64)
-    writer = make_engine(**disk_config(tmp_path))
-    writer.store(tokens(64), kv)
-    assert writer.flush(timeout=30)
-    writer.close()
+    persist(make_engine, tmp_path, kv)
     engine = make_engine(**disk_config(tmp_path))
     keys = [c.key for c in engine.chunks(tokens(64))]
     assert engine.storage.cpu_prefix(keys) == 0
@@ -148,10 +150,7 @@ def test_prefetch_warms_cpu_from_disk(make_engine: EngineFactory, tmp_path: Path
 
 
 def test_lookup_triggers_prefetch_when_enabled(make_engine: EngineFactory, tmp_path: Path) -> None:
-    writer = make_engine(**disk_config(tmp_path))
-    writer.store(tokens(32), random_kv(32))
-    assert writer.flush(timeout=30)
-    writer.close()
+    persist(make_engine, tmp_path, random_kv(32))
     engine = make_engine(prefetch=True, **disk_config(tmp_path))
     assert engine.lookup(tokens(32)) == 32
     engine._prefetcher.shutdown(wait=True)  # drain the background load started by lookup
@@ -179,10 +178,7 @@ def test_another_chunk_size_never_loads_foreign_chunks(
     make_engine: EngineFactory, tmp_path: Path
 ) -> None:
     kv = random_kv(33)
-    writer = make_engine(**disk_config(tmp_path))  # chunk 16: stores [0:16) [16:32) [32:33)
-    writer.store(tokens(33), kv)
-    assert writer.flush(timeout=30)
-    writer.close()
+    persist(make_engine, tmp_path, kv)  # chunk 16: stores [0:16) [16:32) [32:33)
     reader = make_engine(chunk_size=32, **disk_config(tmp_path))
     n, out = reader.retrieve(tokens(33))
     assert n == 0 and out.shape[2] == 0
