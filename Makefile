@@ -23,7 +23,7 @@ venv: $(STAMP) ## create .venv with the engine, the operator, vLLM and the dev t
 lint: $(STAMP) ## ruff + mypy
 	$(VENV)/bin/ruff check lmcache operator tests e2e benchmarks
 	$(VENV)/bin/ruff format --check lmcache operator tests e2e benchmarks
-	$(VENV)/bin/mypy lmcache operator/lmcache_operator benchmarks
+	$(VENV)/bin/mypy lmcache operator/lmcache_operator benchmarks e2e
 
 unit: $(STAMP) ## fast unit tests (no cluster)
 	$(PY) -m pytest -q tests
