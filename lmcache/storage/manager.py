@@ -112,11 +112,20 @@ class StorageManager:
 
     # -- store ---------------------------------------------------------------------------
 
-    def _already_stored(self, key: str) -> bool:
+    def _stored_check(self, chunks: Sequence[ChunkRange]) -> Callable[[int, str], bool]:
+        """Whether the chunk at a position needs no store. With the CPU cache, asked per chunk
+        (cheap, and current even as this store's own allocations evict); staging-only, the
+        first lower tier is asked once for the request's whole run (one round trip to a remote
+        tier, not one per chunk)."""
         if self.config.local_cpu:
-            with self._lock:
-                return key in self.cpu
-        return bool(self.lower) and self.lower[0].contains_prefix([key]) == 1
+
+            def in_cpu(position: int, key: str) -> bool:
+                with self._lock:
+                    return key in self.cpu
+
+            return in_cpu
+        held = self.lower[0].contains_prefix([c.key for c in chunks])
+        return lambda position, key: position < held
 
     def store(self, chunks: Sequence[ChunkRange], fill: Fill) -> int:
         """Store the chunks not stored yet; returns the tokens newly stored.
@@ -145,8 +154,9 @@ class StorageManager:
         if not self.config.local_cpu and not self.lower:
             return []  # the pool is staging only and nothing lies below it
         reserved: Reserved = []
+        already_stored = self._stored_check(chunks)
         for position, chunk in enumerate(chunks):
-            if self._already_stored(chunk.key):
+            if already_stored(position, chunk.key):
                 continue
             buffer = self._allocate(chunk.num_tokens)
             if buffer is None:
