@@ -6,9 +6,12 @@ from colliding; ``metrics_port`` serves it over HTTP.
 
 from __future__ import annotations
 
+from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+MetricT = TypeVar("MetricT", Counter, Gauge, Histogram)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -65,7 +68,7 @@ class EngineMetrics:
             "remote_breaker_open", "1 while the remote tier is skipped after failures", ()
         )
 
-    def labels(self, metric: Counter | Gauge | Histogram, *extra: str):  # type: ignore[no-untyped-def]
+    def labels(self, metric: MetricT, *extra: str) -> MetricT:
         """The child of ``metric`` for this engine (plus any extra label values)."""
         return metric.labels(*[self._labels[k] for k in sorted(self._labels)], *extra)
 
