@@ -188,3 +188,5 @@ def test_bad_remote_url_fails_before_the_pool_is_allocated(monkeypatch: pytest.M
     with pytest.raises(ConfigError, match="remote_url"):
         LMCacheEngine(config, SPEC, "m")
     assert not allocated, "the pool must not be allocated for a config that cannot work"
+    with LMCacheEngine(LMCacheEngineConfig.from_mapping({"max_local_cpu_size": 0.01}), SPEC, "m"):
+        assert allocated, "the probe sees the pool's allocation (else the check above is void)"
