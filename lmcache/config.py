@@ -6,6 +6,7 @@ the exact file or variable to fix. All validation happens here, before any memor
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import os
@@ -52,223 +53,302 @@ class Source:
 DEFAULT = Source("default")
 
 
+class Kind(enum.Enum):
+    """A key's value type, named as in JSON Schema (the CRD's schema is generated from these)."""
+
+    BOOLEAN = "boolean"
+    INTEGER = "integer"
+    NUMBER = "number"
+    STRING = "string"
+
+
+_ALLOWED_TYPE = {
+    Kind.BOOLEAN: "a boolean: true/false, 1/0, yes/no (any case)",
+    Kind.INTEGER: "an integer",
+    Kind.NUMBER: "a number",
+    Kind.STRING: "a string",
+}
+
+
 def _parse_bool(raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
     if isinstance(raw, int) and raw in (0, 1):
         return bool(raw)
-    text = str(raw).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError("a boolean: true/false, 1/0, yes/no (any case)")
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise ValueError(_ALLOWED_TYPE[Kind.BOOLEAN])
 
 
 def _parse_int(raw: Any) -> int:
-    if isinstance(raw, bool):
-        raise ValueError("an integer")
-    if isinstance(raw, int):
+    if isinstance(raw, int) and not isinstance(raw, bool):
         return raw
     if isinstance(raw, float) and raw.is_integer():
         return int(raw)
-    try:
-        return int(str(raw).strip())
-    except ValueError:
-        raise ValueError("an integer") from None
+    if isinstance(raw, str):
+        text = raw.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:  # "1e18": YAML 1.1 and env vars leave exponent forms as strings
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+    raise ValueError(_ALLOWED_TYPE[Kind.INTEGER])
 
 
 def _parse_float(raw: Any) -> float:
-    if isinstance(raw, bool):
-        raise ValueError("a number")
-    try:
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
         value = float(raw)
-    except (TypeError, ValueError):
-        raise ValueError("a number") from None
+    elif isinstance(raw, str):
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(_ALLOWED_TYPE[Kind.NUMBER]) from None
+    else:
+        raise ValueError(_ALLOWED_TYPE[Kind.NUMBER])
     if not math.isfinite(value):
         raise ValueError("a finite number")
     return value
 
 
-def _parse_optional_str(raw: Any) -> str | None:
-    if raw is None:
-        return None
-    text = str(raw).strip()
-    return text or None
+def _parse_str(raw: Any) -> str:
+    """Strings only: a YAML list or mapping under a path key is a mistake, not a path."""
+    if isinstance(raw, str):
+        return raw.strip()
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return str(raw)
+    raise ValueError(_ALLOWED_TYPE[Kind.STRING])
 
 
-def _parse_optional_int(raw: Any) -> int | None:
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        return None
-    return _parse_int(raw)
+_PARSERS: dict[Kind, Callable[[Any], Any]] = {
+    Kind.BOOLEAN: _parse_bool,
+    Kind.INTEGER: _parse_int,
+    Kind.NUMBER: _parse_float,
+    Kind.STRING: _parse_str,
+}
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "a number > 0"
-
-
-def _non_negative(value: float) -> str | None:
-    return None if value >= 0 else "a number >= 0"
-
-
-def _port(value: int | None) -> str | None:
-    return None if value is None or 0 < value < 65536 else "a TCP port 1-65535"
-
-
-def _remote_url(value: str | None) -> str | None:
-    if value is None:
-        return None
+def _remote_url(value: str) -> str | None:
     scheme = urlsplit(value).scheme
     if scheme not in REMOTE_SCHEMES:
         return "a URL with scheme " + ", ".join(f"{s}://" for s in REMOTE_SCHEMES)
     return None
 
 
-def _remote_serde(value: str) -> str | None:
-    return None if value in REMOTE_SERDES else "one of: " + ", ".join(REMOTE_SERDES)
-
-
 @dataclass(frozen=True)
 class KeySpec:
-    """One config key: its parser, default, extra check and one line of documentation."""
+    """One config key: its type, bounds, default and one line of documentation.
+
+    The bounds are part of the contract, not just checks: they keep every later computation
+    (pool bytes, socket deadlines) in range, and the operator's CRD schema is generated from
+    them so the API server refuses what the engine would."""
 
     name: str
-    parse: Callable[[Any], Any]
+    kind: Kind
     default: Any
     doc: str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    nullable: bool = False
+    choices: tuple[str, ...] = ()
     check: Callable[[Any], str | None] | None = None
 
     @property
     def env(self) -> str:
         return ENV_PREFIX + self.name.upper()
 
+    def parse(self, raw: Any) -> Any:
+        """The typed value of ``raw``; ValueError says what is allowed."""
+        if raw is None or (self.nullable and isinstance(raw, str) and not raw.strip()):
+            if self.nullable:
+                return None
+            raise ValueError(_ALLOWED_TYPE[self.kind])
+        value = _PARSERS[self.kind](raw)
+        if self.kind is Kind.STRING and not value and self.nullable:
+            return None
+        problem = self._problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    def _problem(self, value: Any) -> str | None:
+        if self.choices and value not in self.choices:
+            return "one of: " + ", ".join(self.choices)
+        if self.minimum is not None or self.maximum is not None:
+            below = self.minimum is not None and (
+                value <= self.minimum if self.exclusive_minimum else value < self.minimum
+            )
+            above = self.maximum is not None and value > self.maximum
+            if below or above:
+                return self.allowed_range()
+        return self.check(value) if self.check else None
+
+    def allowed_range(self) -> str:
+        noun = "an integer" if self.kind is Kind.INTEGER else "a number"
+        sign = ">" if self.exclusive_minimum else ">="
+        low = "" if self.minimum is None else f"{sign} {self.minimum:g}"
+        high = "" if self.maximum is None else f"<= {self.maximum:g}"
+        return f"{noun} {' and '.join(p for p in (low, high) if p)}"
+
+
+MAX_POOL_GB = 65536.0
+"""64 TiB: far above any host, low enough that byte counts stay exact."""
+MAX_DISK_GB = 1 << 20
+"""1 PiB of local disk."""
 
 KEYS: tuple[KeySpec, ...] = (
     KeySpec(
         "chunk_size",
-        _parse_int,
+        Kind.INTEGER,
         256,
         "tokens per KV chunk (the unit of hashing and storage)",
-        lambda v: None if v > 0 else "an integer > 0",
+        minimum=1,
+        maximum=1 << 16,
     ),
     KeySpec(
         "local_cpu",
-        _parse_bool,
+        Kind.BOOLEAN,
         True,
         "keep KV in the pinned CPU pool as an LRU hot cache (the pool exists either way)",
     ),
     KeySpec(
         "max_local_cpu_size",
-        _parse_float,
+        Kind.NUMBER,
         5.0,
         "pinned CPU pool size in GB (2^30 bytes); also the staging buffer for disk/remote",
-        _positive,
+        minimum=0,
+        exclusive_minimum=True,
+        maximum=MAX_POOL_GB,
     ),
     KeySpec(
         "local_cpu_use_hugepages",
-        _parse_bool,
+        Kind.BOOLEAN,
         False,
         "back the pool with 2 MiB hugepages (needs vm.nr_hugepages; CUDA platforms only)",
     ),
     KeySpec(
         "enable_p2p",
-        _parse_bool,
+        Kind.BOOLEAN,
         False,
         "P2P KV sharing between instances (not implemented; incompatible with hugepages)",
     ),
     KeySpec(
         "shm_name",
-        _parse_optional_str,
+        Kind.STRING,
         None,
         "shared-memory pool name (not implemented; incompatible with hugepages)",
+        nullable=True,
     ),
     KeySpec(
         "local_disk",
-        _parse_optional_str,
+        Kind.STRING,
         None,
         "directory of the local disk tier (plain path or file:// URL); unset = no disk tier",
+        nullable=True,
     ),
     KeySpec(
         "max_local_disk_size",
-        _parse_float,
+        Kind.NUMBER,
         0.0,
         "disk tier size in GB (2^30 bytes); LRU-evicted beyond it",
-        _non_negative,
+        minimum=0,
+        maximum=MAX_DISK_GB,
     ),
     KeySpec(
         "remote_url",
-        _parse_optional_str,
+        Kind.STRING,
         None,
         "remote tier: valkey://host:port[/db], redis://, valkeys://, rediss://, unix://path",
-        _remote_url,
+        nullable=True,
+        check=_remote_url,
     ),
     KeySpec(
         "remote_serde",
-        lambda raw: str(raw).strip(),
+        Kind.STRING,
         "naive",
         "remote value encoding: naive = raw bytes behind a checked header",
-        _remote_serde,
+        choices=REMOTE_SERDES,
     ),
     KeySpec(
         "remote_timeout_ms",
-        _parse_int,
+        Kind.INTEGER,
         50,
         "remote deadline of a lookup; a load adds 0.17 s per 32 MiB (200 MB/s floor)",
-        lambda v: None if v > 0 else "an integer > 0",
+        minimum=1,
+        maximum=60_000,
     ),
     KeySpec(
         "remote_write_timeout_ms",
-        _parse_int,
+        Kind.INTEGER,
         5000,
         "deadline of one background batch of remote writes",
-        lambda v: None if v > 0 else "an integer > 0",
+        minimum=1,
+        maximum=600_000,
     ),
     KeySpec(
         "remote_ttl_s",
-        _parse_optional_int,
+        Kind.INTEGER,
         None,
         "expire remote values after this many seconds (unset = until the server evicts them)",
-        lambda v: None if v is None or v > 0 else "an integer > 0, or unset",
+        minimum=1,
+        maximum=10 * 365 * 86400,
+        nullable=True,
     ),
     KeySpec(
         "remote_write_queue_size",
-        _parse_float,
+        Kind.NUMBER,
         1.0,
         "GB (2^30 bytes) of pool slots queued remote writes may pin; beyond it writes drop",
-        _positive,
+        minimum=0,
+        exclusive_minimum=True,
+        maximum=MAX_POOL_GB,
     ),
     KeySpec(
         "remote_breaker_failures",
-        _parse_int,
+        Kind.INTEGER,
         3,
         "consecutive remote failures that open the circuit breaker (tier skipped)",
-        lambda v: None if v > 0 else "an integer > 0",
+        minimum=1,
+        maximum=1_000_000,
     ),
     KeySpec(
         "remote_breaker_backoff_s",
-        _parse_float,
+        Kind.NUMBER,
         5.0,
         "while the breaker is open, probe the remote server this often (seconds)",
-        _positive,
+        minimum=0,
+        exclusive_minimum=True,
+        maximum=3600,
     ),
     KeySpec(
         "save_unfull_chunk",
-        _parse_bool,
+        Kind.BOOLEAN,
         True,
         "also store the trailing partial chunk of a prompt (as in the seed's example log)",
     ),
     KeySpec(
         "prefetch",
-        _parse_bool,
+        Kind.BOOLEAN,
         False,
         "a lookup that finds chunks on disk/remote starts loading them into CPU at once",
     ),
     KeySpec(
         "metrics_port",
-        _parse_optional_int,
+        Kind.INTEGER,
         None,
         "serve Prometheus metrics on this port + the TP rank (unset = no HTTP endpoint)",
-        _port,
+        minimum=1,
+        maximum=65535,
+        nullable=True,
     ),
 )
 KEYS_BY_NAME: Mapping[str, KeySpec] = {k.name: k for k in KEYS}
@@ -401,23 +481,18 @@ class LMCacheEngineConfig:
 
 def _parse(spec: KeySpec, raw: Any, source: Source) -> Any:
     try:
-        value = spec.parse(raw)
+        return spec.parse(raw)
     except ValueError as err:
         raise ConfigError(
             f"{spec.name}: invalid value {_show(spec, raw)} from {source}; allowed: {err}"
         ) from None
-    problem = spec.check(value) if spec.check else None
-    if problem:
-        raise ConfigError(
-            f"{spec.name}: invalid value {_show(spec, raw)} from {source}; allowed: {problem}"
-        )
-    return value
 
 
 def _show(spec: KeySpec, raw: Any) -> str:
     if spec.name == "remote_url":
         return repr(redact_url(str(raw)))
-    return repr(raw)
+    shown = repr(raw)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 def redact_url(url: str) -> str:
@@ -431,16 +506,41 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file is a few hundred bytes; anything near this is not one."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader without aliases: a config needs none, and nested aliases (a "billion
+    laughs" file) would expand to gigabytes before any key could be checked."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed", self.peek_event().start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 def _read_yaml(path: Path) -> Mapping[str, Any]:
     where = f"{CONFIG_FILE_ENV}={path}"
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {path} (named by {where}) is over {MAX_CONFIG_BYTES} bytes; "
+                f"allowed: a YAML mapping of LMCache keys"
+            )
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} (named by {where}) is not UTF-8 text") from None
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path} (named by {where})") from None
     except OSError as err:
         raise ConfigError(f"config file unreadable: {path} (named by {where}): {err}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 
 from lmcache.config import LMCacheEngineConfig
-from lmcache.keys import ChunkRange, KeyScheme, Tokens
+from lmcache.keys import PLAIN, ChunkRange, KeyScheme, KVContext, Tokens
 from lmcache.log import log_lookup, log_store, setup_logging
 from lmcache.metrics import EngineMetrics
 from lmcache.spec import KVSpec
@@ -46,11 +46,16 @@ class LMCacheEngine:
         world_size: int = 1,
         rank: int = 0,
         lower_tiers: Sequence[StorageBackend] | None = None,
+        kv_dtype: str | None = None,
     ) -> None:
+        """``kv_dtype`` names the KV cache's element type when the tensor dtype does not
+        (vLLM's fp8 e4m3 and e5m2 caches are both uint8 tensors)."""
         setup_logging()
         self.config = config
         self.spec = spec
-        self.scheme = KeyScheme(model_name, world_size, rank, spec.dtype_name, config.chunk_size)
+        self.scheme = KeyScheme(
+            model_name, world_size, rank, kv_dtype or spec.dtype_name, config.chunk_size
+        )
         self.metrics = EngineMetrics({"model": model_name, "rank": str(rank)})
         self.storage = StorageManager(
             config, spec, self.metrics, self.scheme.shard_name, lower_tiers
@@ -63,9 +68,14 @@ class LMCacheEngine:
 
     # -- keys ----------------------------------------------------------------------------
 
-    def chunks(self, tokens: Tokens) -> list[ChunkRange]:
+    def chunks(self, tokens: Tokens, context: KVContext = PLAIN) -> list[ChunkRange]:
         """The storable chunks of ``tokens`` (trailing partial one only with save_unfull_chunk)."""
-        return self.scheme.chunks(tokens, include_partial=self.config.save_unfull_chunk)
+        self._check_open()
+        return self.scheme.chunks(tokens, self.config.save_unfull_chunk, context)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this LMCacheEngine is closed; create a new one")
 
     # -- store ---------------------------------------------------------------------------
 
@@ -74,6 +84,7 @@ class LMCacheEngine:
     ) -> int:
         """Store KV for ``tokens``; ``kv`` covers ``tokens[kv_offset:]``. Returns tokens newly
         stored (chunks already cached, and chunks before ``kv_offset``, are skipped)."""
+        self._check_open()
         self.spec.check(kv, len(tokens) - kv_offset)
 
         def fill(chunk: ChunkRange, dst: torch.Tensor) -> None:
@@ -90,6 +101,7 @@ class LMCacheEngine:
     ) -> int:
         """Store with a caller-provided copy: ``fill(chunk, dst)`` writes one chunk's KV into
         the pool slot ``dst`` (e.g. gathered straight from vLLM's paged GPU cache)."""
+        self._check_open()
         stored = self.storage.store(self._new_chunks(tokens, skip_tokens), fill)
         if request_id is not None:
             log_store(request_id, stored, len(tokens))
@@ -103,6 +115,7 @@ class LMCacheEngine:
         not stored yet. The caller fills each ``buffer.kv()`` (e.g. with asynchronous copies
         from the GPU, all waited for once), then calls :meth:`commit_chunks`, or
         :meth:`abort_chunks` if the fill failed; until then nothing is visible or evictable."""
+        self._check_open()
         return self.storage.reserve(self._new_chunks(tokens, skip_tokens))
 
     def commit_chunks(
@@ -130,6 +143,7 @@ class LMCacheEngine:
     ) -> int:
         """:meth:`lookup` for chunks from :meth:`chunks`: a caller that asks about the same
         prompt again (vLLM re-checks waiting requests every step) hashes it only once."""
+        self._check_open()
         found, in_cpu = self.storage.lookup([c.key for c in chunks])
         hit = chunks[found - 1].end if found else 0
         m = self.metrics
@@ -153,7 +167,7 @@ class LMCacheEngine:
         chunks = self.chunks(tokens)
         if max_tokens is not None:
             chunks = [c for c in chunks if c.end <= max_tokens]
-        buffers = self.storage.acquire([c.key for c in chunks])
+        buffers = self.storage.acquire(chunks)
         try:
             views = [(c, b.kv()) for c, b in zip(chunks, buffers, strict=False)]
             nbytes = sum(b.nbytes for b in buffers)
@@ -162,12 +176,14 @@ class LMCacheEngine:
             m.labels(m.retrieved_bytes).inc(nbytes)
             yield views
         finally:
-            for buffer in buffers:
-                self.storage.release(buffer)
+            self.storage.release_all(buffers)
 
     def retrieve(self, tokens: Tokens, out: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
         """(n, KV of ``tokens[:n]``) for the longest cached prefix; ``out`` (shaped for all of
-        ``tokens``) avoids an allocation, and the result is then a view of it."""
+        ``tokens``, of the engine's dtype) avoids an allocation, and the result is then a
+        view of it."""
+        if out is not None:
+            self.spec.check(out, len(tokens))
         with self.retrieve_chunks(tokens) as views:
             n = views[-1][0].end if views else 0
             if out is None:
@@ -180,20 +196,21 @@ class LMCacheEngine:
 
     def prefetch(self, tokens: Tokens) -> PrefetchHandle:
         """Start loading the disk/remote part of a cached prefix into CPU; returns at once."""
+        self._check_open()
         return PrefetchHandle(self._prefetcher.submit(self._prefetch, self.chunks(tokens)))
 
     def _prefetch(self, chunks: list[ChunkRange]) -> int:
         if not self.config.local_cpu:
             return 0
-        buffers = self.storage.acquire([c.key for c in chunks])
-        for buffer in buffers:
-            self.storage.release(buffer)
+        buffers = self.storage.acquire(chunks)
+        self.storage.release_all(buffers)
         return chunks[len(buffers) - 1].end if buffers else 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until background writes to disk/remote are done."""
+        self._check_open()
         return self.storage.flush(timeout)
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import logging
 import mmap
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,19 +21,51 @@ from lmcache.spec import KVSpec
 
 logger = logging.getLogger("lmcache")
 
+_CGROUP_LIMITS = (
+    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
+    (
+        Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+        Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ),
+)
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes this process can still commit: the host's MemAvailable, or less under a
+    cgroup (container) memory limit; None when neither can be read."""
+    found: list[int] = []
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_path, usage_path in _CGROUP_LIMITS:
+        try:
+            limit_text = limit_path.read_text().strip()
+            usage = int(usage_path.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit_text != "max" and int(limit_text) < (1 << 60):
+            found.append(max(0, int(limit_text) - usage))
+        break
+    return min(found) if found else None
+
 
 @dataclass
 class ChunkBuffer:
     """One slot of the pool holding ``num_tokens`` tokens of KV.
 
     ``refs`` counts holders that keep it from being evicted or freed: the CPU cache index
-    (while cached), in-flight loads, and pending write-backs to lower tiers.
+    (while cached), in-flight loads, and pending write-backs to lower tiers. ``key`` is set
+    while the CPU cache indexes it.
     """
 
     pool: MemoryPool
     slot: int
     num_tokens: int = 0
     refs: int = 0
+    key: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -73,9 +106,20 @@ class MemoryPool:
         self._registered = False
         self.hugepages = False
         self.pinned = False
-        self._buffer = self._allocate(config, hugepages_without_cuda)
+        try:
+            self._buffer = self._allocate(config, hugepages_without_cuda)
+        except (RuntimeError, MemoryError, OSError) as err:
+            raise ConfigError(self._allocation_error(config, str(err))) from None
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._lock = threading.Lock()
+
+    def _allocation_error(self, config: LMCacheEngineConfig, reason: str) -> str:
+        return (
+            f"max_local_cpu_size: {config.max_local_cpu_size:g} GB "
+            f"({config.source_of('max_local_cpu_size')}) asks for a {self.capacity}-byte pool "
+            f"that cannot be allocated: {reason}; allowed: a size this host (and the "
+            f"container's memory limit) can hold besides vLLM"
+        )
 
     def _allocate(self, config: LMCacheEngineConfig, hugepages_without_cuda: bool) -> torch.Tensor:
         cuda = torch.cuda.is_available()
@@ -94,7 +138,13 @@ class MemoryPool:
                 self._register(buffer)
             return buffer
         # Commit the pages now: no page faults on the request path, and a pod over its memory
-        # limit fails at start-up rather than mid-request.
+        # limit fails at start-up rather than mid-request. Checked first: touching more than
+        # the host or the container has gets the process OOM-killed, with no message at all.
+        available = available_memory()
+        if available is not None and self.capacity > available:
+            raise ConfigError(
+                self._allocation_error(config, f"only {available} bytes are available")
+            )
         buffer = torch.zeros(self.capacity, dtype=torch.uint8)
         if cuda:
             # Not torch's pin_memory=True: its caching host allocator rounds every block up to a

@@ -29,8 +29,9 @@ class StorageBackend(ABC):
         """Fill ``buffers[i]`` with the KV of ``keys[i]``, from the first, stopping at the first
         miss or invalid value; returns how many were filled.
 
-        Sets each filled buffer's ``num_tokens`` from the validated header. Buffers past the
-        returned count hold undefined bytes.
+        Each buffer's ``num_tokens`` is the token count its chunk must hold: a value that
+        holds another count is invalid (a short value would leave the rest of the chunk as
+        whatever the slot held before). Buffers past the returned count hold undefined bytes.
         """
 
     @abstractmethod

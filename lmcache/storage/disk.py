@@ -3,13 +3,19 @@
 Files are written to a temp name and renamed, so a crash never leaves a half file under a real
 name; every read checks the header and checksum, and a bad file is deleted and counted as a
 miss. The index is rebuilt from the files' headers at start, so the cache survives restarts.
+
+A broken disk (read-only, full, files replaced by directories or FIFOs, unreadable files) never
+stops the engine: each failure is a miss, a metric and a log line, the writer thread survives
+every error, and a file that cannot be read leaves the index so lookups stop promising it.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -26,7 +32,22 @@ from lmcache.storage.backend import StorageBackend, WriteDone
 
 logger = logging.getLogger("lmcache")
 SUFFIX = ".kv"
+TMP_SUFFIX = ".tmp"
 TIER = "disk"
+
+
+def _open_regular(path: Path) -> io.BufferedReader:
+    """Open ``path`` for reading only if it is a regular file: a FIFO under a chunk's name
+    would block ``open`` forever, a directory or device is no chunk."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise serde.CorruptValue("not a regular file")
+        os.set_blocking(fd, True)
+        return io.BufferedReader(io.FileIO(fd, "rb"))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class DiskBackend(StorageBackend):
@@ -37,14 +58,12 @@ class DiskBackend(StorageBackend):
         directory: Path,
         max_bytes: int,
         spec: KVSpec,
-        chunk_size: int,
         metrics: EngineMetrics,
         queue_chunks: int = 64,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.spec = spec
-        self.chunk_size = chunk_size
         self.metrics = metrics
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> file size, LRU first
@@ -52,8 +71,15 @@ class DiskBackend(StorageBackend):
         self._queue: queue.Queue[tuple[str, ChunkBuffer, WriteDone] | None] = queue.Queue(
             queue_chunks
         )
-        directory.mkdir(parents=True, exist_ok=True)
-        self._rebuild_index()
+        self._warned: set[str] = set()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._rebuild_index()
+        except OSError as err:
+            # A read-only or missing volume: the tier starts empty and every write is a
+            # counted failure, like a disk that breaks later.
+            self._warn_once("start", f"disk tier {directory} unusable at start-up ({err})")
+            self.metrics.labels(self.metrics.tier_errors, TIER, "start").inc()
         self._writer = threading.Thread(target=self._write_loop, name="lmcache-disk", daemon=True)
         self._writer.start()
 
@@ -65,29 +91,35 @@ class DiskBackend(StorageBackend):
         return self._bytes
 
     def _rebuild_index(self) -> None:
-        """Re-index surviving files, oldest first; drop temp files and unreadable headers."""
+        """Re-index surviving chunk files, oldest first; drop temp files and anything that is
+        not a readable chunk file (never opening a FIFO or following a link)."""
         files = []
-        for path in self.directory.iterdir():
-            if path.name.endswith(".tmp"):
-                path.unlink(missing_ok=True)
-            elif path.suffix == SUFFIX:
-                files.append((path.stat().st_mtime, path))
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name.endswith(TMP_SUFFIX):
+                    self._unlink(Path(entry.path))
+                elif entry.name.endswith(SUFFIX):
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    files.append((info.st_mtime, Path(entry.path)))
         for _, path in sorted(files):
             try:
-                with path.open("rb") as f:
+                with _open_regular(path) as f:
                     header = serde.decode_header(f.read(serde.MAX_HEADER))
-                size = path.stat().st_size
+                    size = os.fstat(f.fileno()).st_size
                 if path != self.path_of(header.key) or size != header.size + header.payload_len:
                     raise serde.CorruptValue("file name or size does not match its header")
             except (OSError, serde.CorruptValue) as err:
                 logger.warning("disk tier: removing unreadable %s (%s)", path.name, err)
                 self.metrics.labels(self.metrics.corrupt, TIER).inc()
-                path.unlink(missing_ok=True)
+                self._unlink(path)
                 continue
             self._index[header.key] = size
             self._bytes += size
-        self._evict_over_budget()
-        self.metrics.labels(self.metrics.disk_bytes).set(self._bytes)
+        with self._lock:
+            self._evict_over_budget()
 
     def contains_prefix(self, keys: Sequence[str]) -> int:
         with self._lock:
@@ -110,11 +142,11 @@ class DiskBackend(StorageBackend):
         path = self.path_of(key)
         started = time.perf_counter()
         try:
-            with path.open("rb") as f:
+            with _open_regular(path) as f:
                 prefix = f.read(serde.FIXED_SIZE)
                 rest = f.read(serde.variable_size(prefix) - serde.FIXED_SIZE)
                 header = serde.decode_header(prefix + rest)
-                buffer.num_tokens = header.num_tokens_for(key, self.spec, self.chunk_size)
+                header.check(key, self.spec, buffer.num_tokens)
                 target = buffer.raw().numpy().data
                 if f.readinto(target) != header.payload_len or f.read(1):
                     raise serde.CorruptValue("file length does not match its header")
@@ -128,8 +160,11 @@ class DiskBackend(StorageBackend):
             self._forget(key, path)
             return False
         except OSError as err:
-            logger.warning("disk tier: read of %s failed: %s", path.name, err)
+            # Unreadable (permissions, I/O error): forget it, or every lookup would promise
+            # a chunk no load can deliver.
+            self._warn_once("read", f"disk tier: read of {path.name} failed: {err}; dropped")
             self.metrics.labels(self.metrics.tier_errors, TIER, "read").inc()
+            self._forget(key, path)
             return False
         self._observe("read", header.payload_len, started)
         return True
@@ -151,6 +186,9 @@ class DiskBackend(StorageBackend):
             key, buffer, done = item
             try:
                 self._write(key, buffer)
+            except Exception:  # a dead writer would stop the CPU cache from storing
+                logger.exception("disk tier: unexpected error writing a chunk; continuing")
+                self.metrics.labels(self.metrics.tier_errors, TIER, "write").inc()
             finally:
                 done()
                 self._queue.task_done()
@@ -165,15 +203,15 @@ class DiskBackend(StorageBackend):
             self.metrics.labels(self.metrics.dropped_writes, TIER).inc()
             return
         path = self.path_of(key)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(path.name + TMP_SUFFIX)
         try:
             with tmp.open("wb") as f:
                 f.write(header)
                 f.write(payload)
             os.replace(tmp, path)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
-            logger.warning("disk tier: write failed (%s); chunk not stored on disk", err)
+            self._unlink(tmp)
+            self._warn_once("write", f"disk tier: write failed ({err}); chunks not stored on disk")
             self.metrics.labels(self.metrics.tier_errors, TIER, "write").inc()
             return
         with self._lock:
@@ -184,10 +222,11 @@ class DiskBackend(StorageBackend):
         self._observe("write", payload.nbytes, started)
 
     def _evict_over_budget(self) -> None:
+        """Drop least recently used files until the tier fits its budget (lock held)."""
         while self._bytes > self.max_bytes and self._index:
             key, size = self._index.popitem(last=False)
             self._bytes -= size
-            self.path_of(key).unlink(missing_ok=True)
+            self._unlink(self.path_of(key))
             self.metrics.labels(self.metrics.evictions, TIER).inc()
         self.metrics.labels(self.metrics.disk_bytes).set(self._bytes)
 
@@ -196,8 +235,25 @@ class DiskBackend(StorageBackend):
             size = self._index.pop(key, None)
             if size is not None:
                 self._bytes -= size
+            self.metrics.labels(self.metrics.disk_bytes).set(self._bytes)
         if path is not None:
+            self._unlink(path)
+
+    def _unlink(self, path: Path) -> None:
+        """Remove a file; on a read-only or broken disk that fails, which is only a metric."""
+        try:
             path.unlink(missing_ok=True)
+        except IsADirectoryError:
+            self._warn_once("unlink", f"disk tier: {path.name} is a directory; left in place")
+        except OSError as err:
+            self._warn_once("unlink", f"disk tier: cannot remove {path.name}: {err}")
+            self.metrics.labels(self.metrics.tier_errors, TIER, "delete").inc()
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        """One warning per kind of failure: a read-only disk fails every write."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            logger.warning("%s (warned once)", message)
 
     def _observe(self, op: str, nbytes: int, started: float) -> None:
         m = self.metrics

@@ -5,6 +5,9 @@ the CPU cache; stores land in the CPU cache and are written through to the lower
 background. When a slot is needed, unpinned CPU entries are evicted least-recently-used first,
 so the pool never runs out while anything is evictable, and a store that cannot get room is
 skipped and counted, never raised.
+
+Every holder of a slot (the CPU index, a load in flight, a write-back) holds one reference;
+the slot returns to the pool with the last one, on every path including exceptions.
 """
 
 from __future__ import annotations
@@ -44,15 +47,16 @@ def build_lower_tiers(
     tiers: list[StorageBackend] = []
     disk_path = config.local_disk_path
     if disk_path is not None and config.max_local_disk_bytes > 0:
-        tiers.append(
-            DiskBackend(
-                disk_path / shard, config.max_local_disk_bytes, spec, config.chunk_size, metrics
-            )
-        )
+        tiers.append(DiskBackend(disk_path / shard, config.max_local_disk_bytes, spec, metrics))
     if config.remote_url:
         from lmcache.storage.remote import create_remote_backend
 
-        tiers.append(create_remote_backend(config, spec, metrics))
+        try:
+            tiers.append(create_remote_backend(config, spec, metrics))
+        except BaseException:
+            for tier in tiers:
+                tier.close()
+            raise
     return tiers
 
 
@@ -79,13 +83,36 @@ class StorageManager:
                 tier.close()
             raise
         self.cpu = CpuCache()
+        self._pending: set[str] = set()
+        """Keys reserved by a store whose bytes are still on their way (not yet committed)."""
         self._lock = threading.Lock()
         metrics.labels(metrics.pool_total_bytes).set(self.pool.capacity)
 
-    # -- slots ---------------------------------------------------------------------------
+    # -- references ----------------------------------------------------------------------
+
+    def _hold(self, buffer: ChunkBuffer) -> None:
+        """One more holder (caller holds the lock)."""
+        buffer.refs += 1
+        self.cpu.held_changed(buffer)
+
+    def release(self, buffer: ChunkBuffer) -> None:
+        """Drop one reference; the slot returns to the pool with the last one."""
+        with self._lock:
+            buffer.refs -= 1
+            last = buffer.refs == 0
+            if not last:
+                self.cpu.held_changed(buffer)
+        if last:
+            self.pool.free(buffer)
+        self._update_gauges()
+
+    def release_all(self, buffers: Sequence[ChunkBuffer]) -> None:
+        """Release a prefix's buffers tail first, so its head ends most recently used."""
+        for buffer in reversed(buffers):
+            self.release(buffer)
 
     def _allocate(self, num_tokens: int) -> ChunkBuffer | None:
-        """A slot, evicting LRU CPU entries as needed; None when everything is pinned."""
+        """A slot, evicting LRU CPU entries as needed; None when everything is held."""
         while (buffer := self.pool.allocate(num_tokens)) is None:
             with self._lock:
                 victim = self.cpu.evict_lru()
@@ -96,15 +123,6 @@ class StorageManager:
             self.metrics.labels(self.metrics.evictions, "cpu").inc()
         return buffer
 
-    def release(self, buffer: ChunkBuffer) -> None:
-        """Drop one reference; the slot returns to the pool with the last one."""
-        with self._lock:
-            buffer.refs -= 1
-            last = buffer.refs == 0
-        if last:
-            self.pool.free(buffer)
-        self._update_gauges()
-
     def _update_gauges(self) -> None:
         m = self.metrics
         m.labels(m.pool_used_bytes).set(self.pool.used_bytes)
@@ -113,19 +131,24 @@ class StorageManager:
     # -- store ---------------------------------------------------------------------------
 
     def _stored_check(self, chunks: Sequence[ChunkRange]) -> Callable[[int, str], bool]:
-        """Whether the chunk at a position needs no store. With the CPU cache, asked per chunk
-        (cheap, and current even as this store's own allocations evict); staging-only, the
-        first lower tier is asked once for the request's whole run (one round trip to a remote
-        tier, not one per chunk)."""
+        """Whether the chunk at a position needs no store: already cached or being stored.
+        With the CPU cache, asked per chunk (cheap, and current even as this store's own
+        allocations evict); staging-only, the first lower tier is asked once for the
+        request's whole run (one round trip to a remote tier, not one per chunk)."""
         if self.config.local_cpu:
 
             def in_cpu(position: int, key: str) -> bool:
                 with self._lock:
-                    return key in self.cpu
+                    return key in self.cpu or key in self._pending
 
             return in_cpu
-        held = self.lower[0].contains_prefix([c.key for c in chunks])
-        return lambda position, key: position < held
+        held = self._contains(self.lower[0], [c.key for c in chunks])
+
+        def below(position: int, key: str) -> bool:
+            with self._lock:
+                return position < held or key in self._pending
+
+        return below
 
     def store(self, chunks: Sequence[ChunkRange], fill: Fill) -> int:
         """Store the chunks not stored yet; returns the tokens newly stored.
@@ -147,31 +170,38 @@ class StorageManager:
 
         The slots are invisible to lookups and never evicted until :meth:`commit` or
         :meth:`abort`, so a caller can fill many of them asynchronously (e.g. one batch of
-        device-to-host copies) and publish them only once their bytes are complete. Stops at
-        the first chunk that cannot get a slot: later chunks of the same prefix could never
-        be hit without it.
+        device-to-host copies) and publish them only once their bytes are complete. A key
+        reserved here is skipped by any other reservation until then. Stops at the first
+        chunk that cannot get a slot: later chunks of the same prefix could never be hit
+        without it.
         """
         if not self.config.local_cpu and not self.lower:
             return []  # the pool is staging only and nothing lies below it
         reserved: Reserved = []
         already_stored = self._stored_check(chunks)
-        for position, chunk in enumerate(chunks):
-            if already_stored(position, chunk.key):
-                continue
-            buffer = self._allocate(chunk.num_tokens)
-            if buffer is None:
-                self.metrics.labels(self.metrics.skipped_stores).inc(len(chunks) - position)
-                break
-            reserved.append((chunk, buffer))
+        try:
+            for position, chunk in enumerate(chunks):
+                if already_stored(position, chunk.key):
+                    continue
+                buffer = self._allocate(chunk.num_tokens)
+                if buffer is None:
+                    self.metrics.labels(self.metrics.skipped_stores).inc(len(chunks) - position)
+                    break
+                reserved.append((chunk, buffer))
+                with self._lock:
+                    self._pending.add(chunk.key)
+        except BaseException:
+            self.abort(reserved)
+            raise
         self._update_gauges()
         return reserved
 
     def commit(self, reserved: Reserved) -> int:
         """Phase two: publish filled slots to the CPU cache and write them through to the
-        lower tiers; returns the tokens newly stored (a chunk a concurrent store published
-        first is dropped)."""
+        lower tiers; returns the tokens newly stored. Published tail first, so the prefix's
+        head is the most recently used."""
         stored = 0
-        for chunk, buffer in reserved:
+        for chunk, buffer in reversed(reserved):
             if not self._commit(chunk.key, buffer):
                 continue
             stored += chunk.num_tokens
@@ -182,31 +212,53 @@ class StorageManager:
 
     def abort(self, reserved: Reserved) -> None:
         """Give reserved slots back to the pool unpublished (their fill failed)."""
-        for _, buffer in reserved:
+        for chunk, buffer in reserved:
+            with self._lock:
+                self._pending.discard(chunk.key)
             self.release(buffer)
 
     def _commit(self, key: str, buffer: ChunkBuffer) -> bool:
-        """Publish a filled buffer to the CPU cache and the lower tiers; False if a concurrent
-        store won the race.
+        """Publish a filled buffer to the CPU cache and the lower tiers; False if it was
+        already there.
 
         The write-back references are taken under the same lock as the publication: once the
         buffer is in the CPU index another thread may evict it, and a slot reused before its
         write-back ran would put another chunk's bytes on disk under this key.
         """
         with self._lock:
+            self._pending.discard(key)
             if self.config.local_cpu:
                 if key in self.cpu:
                     buffer.refs -= 1
                     if buffer.refs == 0:
                         self.pool.free(buffer)
                     return False
+                buffer.refs += len(self.lower)
                 self.cpu.insert(key, buffer)  # the caller's reference becomes the index's
-            buffer.refs += len(self.lower)
+            else:
+                buffer.refs += len(self.lower)
         for tier in self.lower:
-            tier.submit(key, buffer, lambda: self.release(buffer))
+            self._submit(tier, key, buffer)
         if not self.config.local_cpu:
             self.release(buffer)
         return True
+
+    def _submit(self, tier: StorageBackend, key: str, buffer: ChunkBuffer) -> None:
+        """Hand a write-back to a tier; its reference is released exactly once, whatever the
+        tier does."""
+        released = threading.Event()
+
+        def done() -> None:
+            if not released.is_set():
+                released.set()
+                self.release(buffer)
+
+        try:
+            tier.submit(key, buffer, done)
+        except Exception:
+            logger.exception("%s tier: write-back failed to queue; not stored", tier.name)
+            self.metrics.labels(self.metrics.tier_errors, tier.name, "write").inc()
+            done()
 
     # -- lookup and load -----------------------------------------------------------------
 
@@ -223,62 +275,95 @@ class StorageManager:
         for tier in self.lower:
             if found == len(keys):
                 break
-            found += tier.contains_prefix(keys[found:])
+            found += self._contains(tier, keys[found:])
         return found, in_cpu
 
-    def acquire(self, keys: Sequence[str]) -> list[ChunkBuffer]:
-        """Pinned buffers for the longest loadable prefix of ``keys``; release each after use.
+    def _contains(self, tier: StorageBackend, keys: Sequence[str]) -> int:
+        """A tier's prefix count; a tier that raises (against its contract) is a miss."""
+        try:
+            return tier.contains_prefix(keys)
+        except Exception:
+            logger.exception("%s tier: lookup failed; treated as a miss", tier.name)
+            self.metrics.labels(self.metrics.tier_errors, tier.name, "lookup").inc()
+            return 0
+
+    def acquire(self, chunks: Sequence[ChunkRange]) -> list[ChunkBuffer]:
+        """Pinned buffers for the longest loadable prefix of ``chunks``; release each after
+        use (:meth:`release_all`).
 
         CPU hits are pinned in place; lower-tier hits are loaded into fresh slots and promoted
         to the CPU cache (or kept as staging buffers with ``local_cpu: false``).
         """
-        acquired = self.pin_cpu_prefix(keys)
-        if len(acquired) < len(keys):
-            acquired += self._load_lower(keys[len(acquired) :])
+        acquired = self.pin_cpu_prefix([c.key for c in chunks])
+        try:
+            if len(acquired) < len(chunks):
+                acquired += self.load_lower(chunks[len(acquired) :])
+        except BaseException:
+            self.release_all(acquired)
+            raise
         self._update_gauges()
         return acquired
 
-    def _load_lower(self, keys: Sequence[str]) -> list[ChunkBuffer]:
-        """Load a prefix of ``keys`` from the lower tiers, one batch per tier."""
+    def load_lower(self, chunks: Sequence[ChunkRange]) -> list[ChunkBuffer]:
+        """Load a prefix of ``chunks`` from the lower tiers into pinned slots, one batch per
+        tier; each chunk must hold exactly its own token count (a value that holds fewer
+        would leave the rest of the slot as someone else's KV)."""
         loaded: list[ChunkBuffer] = []
-        for tier in self.lower:
-            pending = keys[len(loaded) :]
-            if not pending:
-                break
-            available = tier.contains_prefix(pending)
-            if available == 0:
-                continue
-            buffers = self._allocate_many(available)
-            got = tier.load_prefix(pending[: len(buffers)], buffers) if buffers else 0
-            for buffer in buffers[got:]:
-                self.release(buffer)
-            self.metrics.labels(self.metrics.tier_hits, tier.name).inc(got)
-            for key, buffer in zip(pending[:got], buffers[:got], strict=True):
-                loaded.append(self._promote(key, buffer))
-            if got < available:
-                break
+        try:
+            for tier in self.lower:
+                pending = chunks[len(loaded) :]
+                if not pending:
+                    break
+                available = self._contains(tier, [c.key for c in pending])
+                if available == 0:
+                    continue
+                got = self._load_from(tier, pending[:available], loaded)
+                if got < available:
+                    break
+        except BaseException:
+            self.release_all(loaded)
+            raise
         return loaded
 
-    def _allocate_many(self, count: int) -> list[ChunkBuffer]:
-        buffers = []
-        for _ in range(count):
-            buffer = self._allocate(self.config.chunk_size)
-            if buffer is None:
-                break
-            buffers.append(buffer)
-        return buffers
+    def _load_from(
+        self, tier: StorageBackend, chunks: Sequence[ChunkRange], loaded: list[ChunkBuffer]
+    ) -> int:
+        """Load ``chunks`` from one tier, appending their pinned buffers to ``loaded``."""
+        buffers: list[ChunkBuffer] = []
+        try:
+            for chunk in chunks:
+                buffer = self._allocate(chunk.num_tokens)
+                if buffer is None:
+                    break
+                buffers.append(buffer)
+            keys = [c.key for c in chunks[: len(buffers)]]
+            got = tier.load_prefix(keys, buffers) if buffers else 0
+        except Exception:
+            logger.exception("%s tier: load failed; treated as a miss", tier.name)
+            self.metrics.labels(self.metrics.tier_errors, tier.name, "read").inc()
+            got = 0
+        except BaseException:
+            for buffer in buffers:
+                self.release(buffer)
+            raise
+        for buffer in buffers[got:]:
+            self.release(buffer)
+        self.metrics.labels(self.metrics.tier_hits, tier.name).inc(got)
+        for chunk, buffer in zip(chunks[:got], buffers[:got], strict=True):
+            loaded.append(self._promote(chunk.key, buffer))
+        return got
 
     def _promote(self, key: str, buffer: ChunkBuffer) -> ChunkBuffer:
         """Put a loaded buffer in the CPU cache; returns the pinned buffer to read from."""
         if not self.config.local_cpu:
             return buffer
         with self._lock:
-            existing = self.cpu.touch(key)
+            existing = self.cpu.get(key)
             if existing is None:
                 buffer.refs += 1  # the index's reference; the caller keeps its pin
                 self.cpu.insert(key, buffer)
                 return buffer
-            existing.refs += 1
+            self._hold(existing)
         self.release(buffer)
         return existing
 
@@ -287,10 +372,10 @@ class StorageManager:
         pinned: list[ChunkBuffer] = []
         with self._lock:
             for key in keys:
-                buffer = self.cpu.touch(key)
+                buffer = self.cpu.get(key)
                 if buffer is None:
                     break
-                buffer.refs += 1
+                self._hold(buffer)
                 pinned.append(buffer)
         return pinned
 

@@ -70,20 +70,21 @@ class Header:
             + struct.pack(f"<{len(self.shape)}I", *self.shape)
         )
 
-    def num_tokens_for(self, key: str, spec: KVSpec, max_tokens: int) -> int:
-        """The token count this header describes, after checking it fits ``key`` and ``spec``."""
+    def check(self, key: str, spec: KVSpec, num_tokens: int) -> None:
+        """Refuse a header that does not describe exactly ``num_tokens`` tokens of ``spec``'s
+        KV under ``key``."""
         if self.key != key:
             raise CorruptValue(f"stored under another key ({self.key[:80]!r})")
         if self.dtype_name != spec.dtype_name:
             raise CorruptValue(f"dtype {self.dtype_name}, expected {spec.dtype_name}")
         if len(self.shape) != 5:
             raise CorruptValue(f"shape {self.shape} is not 5-D")
-        num_tokens = self.shape[2]
-        if self.shape != spec.shape(num_tokens) or not 0 < num_tokens <= max_tokens:
-            raise CorruptValue(f"shape {self.shape} does not fit {spec}")
+        if self.shape != spec.shape(num_tokens):
+            raise CorruptValue(
+                f"shape {self.shape}, expected {spec.shape(num_tokens)} ({num_tokens} tokens)"
+            )
         if self.payload_len != num_tokens * spec.bytes_per_token:
             raise CorruptValue(f"payload length {self.payload_len} does not match shape")
-        return num_tokens
 
 
 def header_for(key: str, spec: KVSpec, num_tokens: int, payload: memoryview) -> Header:

@@ -44,7 +44,7 @@ def test_check_config_fails_with_one_message(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip() == (
         "error: max_local_cpu_size: invalid value '0' from env LMCACHE_MAX_LOCAL_CPU_SIZE; "
-        "allowed: a number > 0"
+        "allowed: a number > 0 and <= 65536"
     )
 
 

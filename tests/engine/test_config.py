@@ -82,12 +82,12 @@ def test_booleans_any_case(tmp_path: Path, raw: str, expected: bool) -> None:
         ({"LMCACHE_MAX_LOCAL_CPU_SIZE": "0"}, "max_local_cpu_size", "> 0"),
         ({"LMCACHE_MAX_LOCAL_CPU_SIZE": "-1"}, "max_local_cpu_size", "> 0"),
         ({"LMCACHE_MAX_LOCAL_CPU_SIZE": "five"}, "max_local_cpu_size", "a number"),
-        ({"LMCACHE_CHUNK_SIZE": "0"}, "chunk_size", "> 0"),
+        ({"LMCACHE_CHUNK_SIZE": "0"}, "chunk_size", "an integer >= 1"),
         ({"LMCACHE_CHUNK_SIZE": "1.5"}, "chunk_size", "an integer"),
         ({"LMCACHE_LOCAL_CPU": "maybe"}, "local_cpu", "true/false"),
         ({"LMCACHE_REMOTE_SERDE": "pickle"}, "remote_serde", "naive"),
         ({"LMCACHE_REMOTE_URL": "http://h:1"}, "remote_url", "valkey://"),
-        ({"LMCACHE_METRICS_PORT": "70000"}, "metrics_port", "1-65535"),
+        ({"LMCACHE_METRICS_PORT": "70000"}, "metrics_port", "<= 65535"),
     ],
 )
 def test_bad_env_value_names_key_source_and_allowed(
@@ -99,6 +99,48 @@ def test_bad_env_value_names_key_source_and_allowed(
     assert message.startswith(f"{key}:")
     assert f"env {next(iter(env))}" in message
     assert allowed in message
+
+
+@pytest.mark.parametrize(
+    "yaml_text,key,allowed",
+    [
+        ("local_disk: [/a, /b]\n", "local_disk", "a string"),
+        ("shm_name: {a: 1}\n", "shm_name", "a string"),
+        ("remote_url: [valkey://h:1]\n", "remote_url", "a string"),
+        ("max_local_cpu_size: 1e300\n", "max_local_cpu_size", "<= 65536"),
+        ("remote_timeout_ms: 1e18\n", "remote_timeout_ms", "<= 60000"),
+        ("remote_write_timeout_ms: 1e18\n", "remote_write_timeout_ms", "<= 600000"),
+        ("chunk_size: 1e30\n", "chunk_size", "<= 65536"),
+        ("remote_ttl_s: 1e40\n", "remote_ttl_s", "<= "),
+        ("remote_breaker_backoff_s: .inf\n", "remote_breaker_backoff_s", "a finite number"),
+        ("local_cpu: [true]\n", "local_cpu", "a boolean"),
+        ("chunk_size: true\n", "chunk_size", "an integer"),
+        ("max_local_disk_size: -1\n", "max_local_disk_size", ">= 0"),
+    ],
+)
+def test_wrong_types_and_out_of_range_numbers_name_the_key(
+    tmp_path: Path, yaml_text: str, key: str, allowed: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, yaml_text)
+    message = str(err.value)
+    assert message.startswith(f"{key}: invalid value") and "from file" in message
+    assert allowed in message
+
+
+def test_yaml_aliases_are_refused_before_expansion(tmp_path: Path) -> None:
+    """A "billion laughs" file on a real key: refused at the first alias, in milliseconds,
+    instead of expanding to gigabytes."""
+    lines = ['a0: &a0 ["x","x","x","x","x","x","x","x","x","x"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    lines.append("local_disk: *a8")
+    with pytest.raises(ConfigError, match=r"malformed YAML at line 2.*aliases"):
+        load(tmp_path, "\n".join(lines) + "\n")
+
+
+def test_oversized_config_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is over 1048576 bytes"):
+        load(tmp_path, "# " + "x" * (1 << 20) + "\nchunk_size: 256\n")
 
 
 def test_bad_file_value_names_the_file(tmp_path: Path) -> None:
@@ -171,3 +213,22 @@ def test_hugepage_arithmetic_and_message() -> None:
     assert pages_needed(1) == 1 and pages_needed(2 << 20) == 1 and pages_needed((2 << 20) + 1) == 2
     text = shortfall_message(5 * (1 << 30), {"HugePages_Total": 100, "HugePages_Free": 10}, "env X")
     assert "2560" in text and "HugePages_Free: 10" in text and "sysctl -w vm.nr_hugepages" in text
+
+
+def test_pool_larger_than_memory_names_the_key_and_bytes(tmp_path: Path) -> None:
+    """Checked before touching a byte: committing more than the host has would get the
+    process OOM-killed with no message at all."""
+    from lmcache.memory.pool import MemoryPool, available_memory
+    from lmcache.spec import KVSpec
+
+    available = available_memory()
+    assert available is not None
+    size_gb = 2 * (available / (1 << 30)) + 1
+    config = load(tmp_path, LMCACHE_MAX_LOCAL_CPU_SIZE=str(size_gb))
+    with pytest.raises(ConfigError) as err:
+        MemoryPool(config, KVSpec(2, 2, 8))
+    message = str(err.value)
+    assert message.startswith("max_local_cpu_size:") and "env LMCACHE_MAX_LOCAL_CPU_SIZE" in message
+    assert str(int(size_gb * (1 << 30)) // (2 * 2 * 2 * 8 * 2 * 256) * 2 * 2 * 2 * 8 * 2 * 256) in (
+        message
+    )

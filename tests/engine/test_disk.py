@@ -65,7 +65,7 @@ def test_corrupt_file_is_a_miss_and_removed(
 ) -> None:
     kv = random_kv(32)
     writer = persist(make_engine, tmp_path, kv)
-    first, second = (disk_of(writer).path_of(c.key) for c in writer.chunks(tokens(32)))
+    first, second = (disk_of(writer).path_of(c.key) for c in writer.scheme.chunks(tokens(32), True))
     data = bytearray(second.read_bytes())
     if damage == "flip_payload":
         data[-100] ^= 0xFF

@@ -40,7 +40,10 @@ def test_reserved_chunks_are_invisible_until_commit(make_engine: EngineFactory) 
 def test_reserve_skips_stored_chunks_and_honours_skip_tokens(make_engine: EngineFactory) -> None:
     engine = make_engine()
     engine.store(tokens(32), random_kv(32))
-    assert [c.start for c, _ in engine.reserve_chunks(tokens(80))] == [32, 48, 64]
+    first = engine.reserve_chunks(tokens(80))
+    assert [c.start for c, _ in first] == [32, 48, 64]
+    assert engine.reserve_chunks(tokens(80)) == [], "chunks on their way are not stored twice"
+    engine.abort_chunks(first)
     assert [c.start for c, _ in engine.reserve_chunks(tokens(80), skip_tokens=48)] == [48, 64]
 
 

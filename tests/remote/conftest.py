@@ -103,11 +103,11 @@ class Tier:
         )
         return buffer
 
-    def empty(self) -> ChunkBuffer:
-        buffer = self.pool.allocate(self.chunk)
+    def empty(self, num_tokens: int | None = None) -> ChunkBuffer:
+        """A zeroed slot to load a chunk of ``num_tokens`` (default: a full chunk) into."""
+        buffer = self.pool.allocate(self.chunk if num_tokens is None else num_tokens)
         assert buffer is not None, "test pool too small"
         buffer.raw().zero_()
-        buffer.num_tokens = 0
         return buffer
 
     def done(self) -> None:

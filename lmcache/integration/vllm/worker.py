@@ -116,7 +116,7 @@ class WorkerConnector:
         assert shared is not None
         chunks = chunks_to_load(shared.engine, op.token_ids[: load.hit], load.start)
         buffers = shared.pins.take(op.req_id)
-        buffers += shared.engine.storage.acquire([c.key for c in chunks[len(buffers) :]])
+        buffers += shared.engine.storage.acquire(chunks[len(buffers) :])
         self._inflight.extend(buffers)
         slots = op.slots(self.block_size, load.end)
         loaded = load.start

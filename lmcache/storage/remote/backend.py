@@ -46,7 +46,6 @@ class RemoteSettings:
     queue_bytes: int
     breaker_failures: int
     breaker_backoff_s: float
-    max_tokens: int
     slot_bytes: int
 
     def load_budget_s(self, chunks: int) -> float:
@@ -62,7 +61,6 @@ class RemoteSettings:
             queue_bytes=int(config.remote_write_queue_size * GB),
             breaker_failures=config.remote_breaker_failures,
             breaker_backoff_s=config.remote_breaker_backoff_s,
-            max_tokens=config.chunk_size,
             slot_bytes=config.chunk_size * spec.bytes_per_token,
         )
 
@@ -116,7 +114,7 @@ class RemoteBackend(StorageBackend):
         start = time.monotonic()
         try:
             found = self._client.exists(keys, self._settings.timeout_s)
-        except RemoteError as err:
+        except Exception as err:
             self._failed("lookup", err)
             return 0
         self._succeeded("lookup", 0, start)
@@ -145,7 +143,7 @@ class RemoteBackend(StorageBackend):
             self._client.get_each(keys, self._settings.load_budget_s(len(keys)), consume)
         except serde.CorruptValue:
             pass
-        except RemoteError as err:
+        except Exception as err:
             self._failed("get", err)
             return len(filled)
         self._succeeded("get", sum(filled), start, count=len(filled))
@@ -154,8 +152,8 @@ class RemoteBackend(StorageBackend):
         return len(filled)
 
     def _read_value(self, reader: ReplyReader, key: str, buffer: ChunkBuffer, length: int) -> None:
-        """Validate the header against ``key`` and the spec, stream the payload into the slot,
-        verify its checksum; only then set ``num_tokens``."""
+        """Validate the header against ``key``, the spec and the chunk's token count, stream the
+        payload into the slot, verify its checksum."""
         if length < serde.FIXED_SIZE:
             raise serde.CorruptValue(f"value of {length} bytes is shorter than a header")
         fixed = reader.read(serde.FIXED_SIZE)
@@ -163,7 +161,7 @@ class RemoteBackend(StorageBackend):
         if header_size > length:
             raise serde.CorruptValue("truncated header")
         header = serde.decode_header(fixed + reader.read(header_size - serde.FIXED_SIZE))
-        num_tokens = header.num_tokens_for(key, self._spec, self._settings.max_tokens)
+        header.check(key, self._spec, buffer.num_tokens)
         if header_size + header.payload_len != length:
             raise serde.CorruptValue(
                 f"value is {length} bytes, header says {header_size + header.payload_len}"
@@ -172,7 +170,6 @@ class RemoteBackend(StorageBackend):
         reader.read_into(payload)
         reader.expect_crlf()
         serde.verify_payload(header, payload)
-        buffer.num_tokens = num_tokens
 
     def _refuse(self, key: str, err: serde.CorruptValue) -> None:
         """A value failed validation: count it, say so, and delete it so it is rewritten."""
@@ -183,7 +180,7 @@ class RemoteBackend(StorageBackend):
         )
         try:
             self._client.delete(key, self._settings.timeout_s)
-        except RemoteError as del_err:
+        except Exception as del_err:
             self._failed("delete", del_err)
 
     # -- writes (background thread) -----------------------------------------------------------
@@ -262,7 +259,7 @@ class RemoteBackend(StorageBackend):
             return
         try:
             self._client.ping(self._settings.timeout_s)
-        except RemoteError as err:
+        except Exception as err:
             self._failed("probe", err)
             return
         self._breaker.success()
@@ -282,7 +279,7 @@ class RemoteBackend(StorageBackend):
                     self._settings.ttl_s,
                     self._settings.write_timeout_s,
                 )
-            except RemoteError as err:
+            except Exception as err:
                 self._failed("put", err)
                 self._metrics.labels(self._metrics.dropped_writes, TIER).inc(len(batch))
                 return
@@ -330,9 +327,14 @@ class RemoteBackend(StorageBackend):
         m.labels(m.tier_bytes, TIER, op).inc(nbytes)
         m.labels(m.tier_latency, TIER, op).observe(time.monotonic() - start)
 
-    def _failed(self, op: str, err: RemoteError) -> None:
+    def _failed(self, op: str, err: Exception) -> None:
+        """Every failed call ends here, whatever it raised: the breaker's probe, if this call
+        was it, is always settled (else the tier would stay off until a restart)."""
         self._metrics.labels(self._metrics.tier_errors, TIER, op).inc()
-        logger.debug("remote %s failed: %s", op, err)
+        if isinstance(err, RemoteError):
+            logger.debug("remote %s failed: %s", op, err)
+        else:
+            logger.warning("remote %s failed unexpectedly: %r", op, err)
         self._breaker.failure(f"{op}: {err}")
 
     def _breaker_changed(self, is_open: bool, reason: str) -> None:

@@ -142,7 +142,8 @@ class ReplyReader:
 
     def _number(self, expected: str) -> int:
         kind, rest = self.reply_head()
-        if kind != expected or not rest.lstrip(b"-").isdigit():
+        digits = rest[1:] if rest.startswith(b"-") else rest
+        if kind != expected or not digits.isdigit() or len(digits) > 18:
             raise RemoteError(
                 f"protocol error: expected {expected}<number>, got {kind}{rest[:40]!r}"
             )
