@@ -330,6 +330,15 @@ KEYS: tuple[KeySpec, ...] = (
         maximum=3600,
     ),
     KeySpec(
+        "max_stage_wait_ms",
+        Kind.INTEGER,
+        1000,
+        "vLLM: how long a request may wait for its disk/remote hits to be staged into the "
+        "pool before it runs with what is in CPU (the rest is computed)",
+        minimum=0,
+        maximum=600_000,
+    ),
+    KeySpec(
         "save_unfull_chunk",
         Kind.BOOLEAN,
         True,
@@ -385,6 +394,7 @@ class LMCacheEngineConfig:
     remote_write_queue_size: float = 1.0
     remote_breaker_failures: int = 3
     remote_breaker_backoff_s: float = 5.0
+    max_stage_wait_ms: int = 1000
     save_unfull_chunk: bool = True
     prefetch: bool = False
     metrics_port: int | None = None

@@ -56,7 +56,8 @@ class LMCacheEngine:
         self.scheme = KeyScheme(
             model_name, world_size, rank, kv_dtype or spec.dtype_name, config.chunk_size
         )
-        self.metrics = EngineMetrics({"model": model_name, "rank": str(rank)})
+        # The label is the model's name alone: the identity's hashes would split dashboards.
+        self.metrics = EngineMetrics({"model": model_name.partition("@")[0], "rank": str(rank)})
         self.storage = StorageManager(
             config, spec, self.metrics, self.scheme.shard_name, lower_tiers
         )
@@ -80,17 +81,23 @@ class LMCacheEngine:
     # -- store ---------------------------------------------------------------------------
 
     def store(
-        self, tokens: Tokens, kv: torch.Tensor, request_id: str | None = None, kv_offset: int = 0
+        self,
+        tokens: Tokens,
+        kv: torch.Tensor,
+        request_id: str | None = None,
+        kv_offset: int = 0,
+        context: KVContext = PLAIN,
     ) -> int:
         """Store KV for ``tokens``; ``kv`` covers ``tokens[kv_offset:]``. Returns tokens newly
-        stored (chunks already cached, and chunks before ``kv_offset``, are skipped)."""
+        stored (chunks already cached, and chunks before ``kv_offset``, are skipped).
+        ``context``: what else made this KV (tenant salt, LoRA adapter, images)."""
         self._check_open()
         self.spec.check(kv, len(tokens) - kv_offset)
 
         def fill(chunk: ChunkRange, dst: torch.Tensor) -> None:
             dst.copy_(kv[:, :, chunk.start - kv_offset : chunk.end - kv_offset])
 
-        return self.store_chunks(tokens, fill, request_id, skip_tokens=kv_offset)
+        return self.store_chunks(tokens, fill, request_id, kv_offset, context)
 
     def store_chunks(
         self,
@@ -98,17 +105,20 @@ class LMCacheEngine:
         fill: ChunkFill,
         request_id: str | None = None,
         skip_tokens: int = 0,
+        context: KVContext = PLAIN,
     ) -> int:
         """Store with a caller-provided copy: ``fill(chunk, dst)`` writes one chunk's KV into
         the pool slot ``dst`` (e.g. gathered straight from vLLM's paged GPU cache)."""
         self._check_open()
-        stored = self.storage.store(self._new_chunks(tokens, skip_tokens), fill)
+        stored = self.storage.store(self._new_chunks(tokens, skip_tokens, context), fill)
         if request_id is not None:
             log_store(request_id, stored, len(tokens))
         return stored
 
-    def _new_chunks(self, tokens: Tokens, skip_tokens: int) -> list[ChunkRange]:
-        return [c for c in self.chunks(tokens) if c.start >= skip_tokens]
+    def _new_chunks(
+        self, tokens: Tokens, skip_tokens: int, context: KVContext = PLAIN
+    ) -> list[ChunkRange]:
+        return [c for c in self.chunks(tokens, context) if c.start >= skip_tokens]
 
     def reserve_chunks(self, tokens: Tokens, skip_tokens: int = 0) -> Reserved:
         """Phase one of a two-phase store: private pool slots for the chunks of ``tokens``
@@ -134,9 +144,11 @@ class LMCacheEngine:
 
     # -- lookup --------------------------------------------------------------------------
 
-    def lookup(self, tokens: Tokens, request_id: str | None = None) -> int:
+    def lookup(
+        self, tokens: Tokens, request_id: str | None = None, context: KVContext = PLAIN
+    ) -> int:
         """Length in tokens of the longest prefix of ``tokens`` held by any tier."""
-        return self.lookup_chunks(self.chunks(tokens), len(tokens), request_id)
+        return self.lookup_chunks(self.chunks(tokens, context), len(tokens), request_id)
 
     def lookup_chunks(
         self, chunks: list[ChunkRange], total_tokens: int, request_id: str | None = None

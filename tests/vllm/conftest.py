@@ -4,9 +4,12 @@ The rig plays vLLM's model runner: inside vLLM's own ``KVConnectorModelRunnerMix
 lifecycle (bind metadata, ``start_load_kv``, forward, ``wait_for_save``, load errors) it writes
 the KV the model would compute for the scheduled tokens, and it feeds the connector output back
 through the scheduler's ``update_from_output``.
-The KV of a token is a pure function of (token id, position), so after every step each
-computed token's KV, loaded or computed, can be checked slot for slot. The model itself
-is a ``config.json`` only: no weights are needed, and nothing is downloaded.
+
+The "model" is a config.json only (no weights). Its KV is exact small integers: layer 0 is a
+function of (token id, position); every deeper layer also reads the KV of all earlier
+positions one layer down, as attention does. So KV computed over a missing or wrong context
+(a load that left zeros, another prompt's chunk) is wrong in deeper layers, and every check
+against :func:`oracle` catches it: in the paged cache, and in what the engine stored.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import FinishReason
 from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
     KVCacheConfig,
@@ -58,8 +62,10 @@ from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 from vllm.v1.worker.kv_connector_model_runner_mixin import KVConnectorModelRunnerMixin
 
+from lmcache import LMCacheEngine
 from lmcache.integration.vllm.paged import PagedLayout
-from lmcache.integration.vllm.shared import SharedEngine, find
+from lmcache.integration.vllm.worker import WorkerConnector
+from lmcache.keys import PLAIN, KVContext
 
 BLOCK = 16
 CHUNK = 32
@@ -109,6 +115,7 @@ def make_vllm_config(
     module_path: str | None = None,
     executor_backend: str | None = None,
     async_scheduling: bool = False,
+    policy: Literal["fail", "recompute"] = "fail",
 ) -> VllmConfig:
     model = ModelConfig(model=str(model_dir), dtype="float16", seed=0, skip_tokenizer_init=True)
     return VllmConfig(
@@ -126,7 +133,7 @@ def make_vllm_config(
             kv_connector=connector,
             kv_connector_module_path=module_path,
             kv_role=kv_role,
-            kv_load_failure_policy="recompute",
+            kv_load_failure_policy=policy,
             kv_connector_extra_config={
                 "lmcache.chunk_size": CHUNK,
                 "lmcache.max_local_cpu_size": 0.01,
@@ -152,21 +159,55 @@ def make_paged(
     return torch.zeros(num_blocks, 2, BLOCK, HEADS, HEAD_SIZE, device=device)
 
 
-def token_slice(paged: torch.Tensor, layout: PagedLayout, slot: int) -> torch.Tensor:
-    """The KV of one slot, indexed plainly (independent of the code under test)."""
-    block, offset = divmod(slot, BLOCK)
-    if layout is PagedLayout.MLA:
-        return paged[block, offset]
-    if layout is PagedLayout.KV_FIRST:
-        return paged[:, block, offset]
-    return paged[block, :, offset]
+MOD = 4093
+"""KV values are ``pattern + v * 1024`` with ``v < MOD``: exact in float32."""
 
 
-def model_kv(token: int, position: int, layer: int, like: torch.Tensor) -> torch.Tensor:
-    """What the 'model' computes for a token: exact small integers in float32."""
-    base = float(((token * 31 + position * 7 + layer * 13) % 4093) * 1024)
-    pattern = torch.arange(like.numel(), dtype=like.dtype, device=like.device) % 1024
-    return (pattern + base).view(like.shape)
+def oracle(tokens: list[int], layers: int = LAYERS) -> torch.Tensor:
+    """``v[layer, position]`` of the true KV of ``tokens``: what a forward pass over the
+    whole sequence with no cache computes."""
+    ids = torch.tensor(tokens, dtype=torch.long)
+    positions = torch.arange(len(tokens), dtype=torch.long)
+    values = torch.empty(layers, len(tokens), dtype=torch.long)
+    context = torch.zeros(len(tokens), dtype=torch.long)
+    for layer in range(layers):
+        values[layer] = (ids * 31 + positions * 7 + layer * 13 + context) % MOD
+        context = torch.cumsum(values[layer], 0) - values[layer]  # sum over earlier positions
+    return values
+
+
+def kv_of(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[n, *slot_shape]`` KV for ``n`` values, each slot ``pattern + v * 1024``."""
+    pattern = torch.arange(like[0].numel(), dtype=like.dtype, device=like.device) % 1024
+    pattern = pattern.view(like.shape[1:])
+    return pattern + values.to(like.dtype).to(like.device).view(-1, *[1] * pattern.dim()) * 1024
+
+
+class SlotIO:
+    """Reads and writes whole slots of one paged layer by slot id, written independently of
+    the code under test (plain indexing per layout)."""
+
+    def __init__(self, layout: PagedLayout) -> None:
+        self.layout = layout
+
+    def get(self, paged: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        slots = slots.to(paged.device)
+        blocks, offsets = slots // BLOCK, slots % BLOCK
+        if self.layout is PagedLayout.KV_FIRST:
+            return paged[:, blocks, offsets].movedim(1, 0)
+        if self.layout is PagedLayout.BLOCK_FIRST:
+            return paged[blocks, :, offsets]
+        return paged[blocks, offsets]
+
+    def set(self, paged: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        slots = slots.to(paged.device)
+        blocks, offsets = slots // BLOCK, slots % BLOCK
+        if self.layout is PagedLayout.KV_FIRST:
+            paged[:, blocks, offsets] = kv.movedim(0, 1)
+        elif self.layout is PagedLayout.BLOCK_FIRST:
+            paged[blocks, :, offsets] = kv
+        else:
+            paged[blocks, offsets] = kv
 
 
 @contextmanager
@@ -212,17 +253,27 @@ class Rig:
     prompts: dict[str, list[int]] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)
     load_errors: list[set[int]] = field(default_factory=list)
+    finished: dict[str, FinishReason] = field(default_factory=dict)
 
     @property
-    def shared(self) -> SharedEngine:
-        transfer = self.scheduler.vllm_config.kv_transfer_config
-        assert transfer is not None
-        shared = find(str(transfer.engine_id))
-        assert shared is not None
-        return shared
+    def connector(self) -> WorkerConnector:
+        impl = getattr(self.worker, "_lmcache_engine", None) or self.worker._impl  # type: ignore[attr-defined]
+        connector = impl.worker
+        assert isinstance(connector, WorkerConnector)
+        return connector
+
+    @property
+    def engine(self) -> LMCacheEngine:
+        return self.connector.engine
+
+    @property
+    def io(self) -> SlotIO:
+        return SlotIO(self.layout)
 
     @staticmethod
-    def make_request(request_id: str, prompt: list[int], max_tokens: int = 1) -> Request:
+    def make_request(
+        request_id: str, prompt: list[int], max_tokens: int = 1, **extra: Any
+    ) -> Request:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         params.update_from_generation_config({}, EOS)
         return Request(
@@ -231,10 +282,11 @@ class Rig:
             sampling_params=params,
             pooling_params=None,
             block_hasher=get_request_block_hasher(BLOCK, sha256),
+            **extra,
         )
 
-    def add(self, request_id: str, prompt: list[int], max_tokens: int = 1) -> Request:
-        request = self.make_request(request_id, prompt, max_tokens)
+    def add(self, request_id: str, prompt: list[int], max_tokens: int = 1, **extra: Any) -> Request:
+        request = self.make_request(request_id, prompt, max_tokens, **extra)
         self.scheduler.add_request(request)
         self.prompts[request_id] = prompt
         return request
@@ -258,7 +310,8 @@ class Rig:
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
         """The model runner's part of a step, inside vLLM's own connector lifecycle
         (``KVConnectorModelRunnerMixin``: bind, start_load_kv, forward, wait_for_save,
-        load errors, events, clear); returns the output for ``update_from_output``."""
+        finished transfers, load errors, events, clear); returns the output for
+        ``update_from_output``."""
         starts = {new.req_id: new.num_computed_tokens for new in output.scheduled_new_reqs}
         cached = output.scheduled_cached_reqs
         starts.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
@@ -267,12 +320,11 @@ class Rig:
             set_forward_context(None, self.scheduler.vllm_config),
             KVConnectorModelRunnerMixin.maybe_get_kv_connector_output(output) as kv_output,
         ):
+            for layer_name in self.layers:  # as each attention layer does on entry
+                self.worker.wait_for_layer_load(layer_name)
             for req_id, start in starts.items():
-                for layer_name in self.layers:  # as each attention layer does on entry
-                    self.worker.wait_for_layer_load(layer_name)
                 self.compute(req_id, start, start + output.num_scheduled_tokens[req_id])
         assert kv_output is not None
-        assert kv_output.kv_cache_events is None
         self.load_errors.append(set(kv_output.invalid_block_ids))
         req_ids = list(output.num_scheduled_tokens)
         sampled = [
@@ -289,41 +341,101 @@ class Rig:
             kv_connector_output=kv_output,
         )
 
+    def update(self, output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
+        for outputs in self.scheduler.update_from_output(output, runner_output).values():
+            for out in outputs.outputs:
+                if out.finish_reason is not None:
+                    self.finished[out.request_id] = out.finish_reason
+
     def step(self) -> SchedulerOutput:
         output = self.schedule()
-        self.scheduler.update_from_output(output, self.execute(output))
+        self.update(output, self.execute(output))
         return output
 
-    def run(self, max_steps: int = 50) -> None:
-        """Step until every request is finished."""
+    def run(self, max_steps: int = 80) -> None:
+        """Step until every request is finished and its blocks are freed."""
         for _ in range(max_steps):
-            if not self.scheduler.has_unfinished_requests():
+            if not self.scheduler.has_requests():
                 return
             self.step()
         raise AssertionError(f"requests still unfinished after {max_steps} steps")
 
-    def slot(self, req_id: str, position: int) -> int:
-        return self.blocks[req_id][position // BLOCK] * BLOCK + position % BLOCK
+    def slots(self, req_id: str, start: int, end: int) -> torch.Tensor:
+        blocks = torch.tensor(self.blocks[req_id], dtype=torch.long)
+        positions = torch.arange(start, end)
+        return blocks[positions // BLOCK] * BLOCK + positions % BLOCK
 
     def tokens(self, req_id: str) -> list[int]:
         request = self.scheduler.requests.get(req_id)
         return list(request.all_token_ids) if request else self.prompts[req_id]
 
     def compute(self, req_id: str, start: int, end: int) -> None:
-        tokens = self.tokens(req_id)
+        """The forward pass over tokens ``[start, end)``: each layer reads the KV of every
+        earlier position one layer down *from the paged cache* (loaded or computed)."""
+        if end <= start:
+            return
+        ids = torch.tensor(self.tokens(req_id)[start:end], dtype=torch.long)
+        positions = torch.arange(start, end, dtype=torch.long)
+        context = torch.zeros(end - start, dtype=torch.long)
+        slots = self.slots(req_id, 0, end)
         for layer, paged in enumerate(self.layers.values()):
-            for position in range(start, end):
-                view = token_slice(paged, self.layout, self.slot(req_id, position))
-                view.copy_(model_kv(tokens[position], position, layer, view))
+            values = (ids * 31 + positions * 7 + layer * 13 + context) % MOD
+            self.io.set(paged, slots[start:], kv_of(values, self.io.get(paged, slots[:1])))
+            below = self.first_values(paged, slots)
+            context = (torch.cumsum(below, 0) - below)[start:]
+
+    def first_values(self, paged: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``v`` of each slot (its first element is ``v * 1024``)."""
+        kv = self.io.get(paged, slots).flatten(1)[:, 0]
+        return (kv.double() / 1024).round().long().cpu()
 
     def check(self, req_id: str, start: int, end: int) -> None:
-        """Every token in ``[start, end)`` holds exactly the KV the model computes for it."""
-        tokens = self.tokens(req_id)
+        """Every token in ``[start, end)`` holds exactly the KV of a forward pass over the
+        whole sequence."""
+        truth = oracle(self.tokens(req_id)[:end])
+        slots = self.slots(req_id, start, end)
         for layer, paged in enumerate(self.layers.values()):
-            for position in range(start, end):
-                view = token_slice(paged, self.layout, self.slot(req_id, position))
-                expected = model_kv(tokens[position], position, layer, view)
-                assert torch.equal(view, expected), (req_id, position, layer)
+            got = self.io.get(paged, slots)
+            expected = kv_of(truth[layer, start:end], got)
+            bad = (got != expected).flatten(1).any(1).nonzero()
+            assert not bad.numel(), f"{req_id}: layer {layer} wrong at {(bad + start).tolist()}"
+
+    def check_stored(self, tokens: list[int], context: KVContext = PLAIN) -> int:
+        """Every chunk of ``tokens`` the engine holds in CPU is the true KV of its prefix;
+        returns how many it holds (in a row from the first)."""
+        truth = oracle(tokens)
+        engine = self.engine
+        held = 0
+        for chunk in engine.chunks(tokens, context):
+            buffer = engine.storage.cpu.get(chunk.key)
+            if buffer is None:
+                break
+            kv = buffer.kv()  # [layers, kv, n, heads, head]
+            for layer in range(LAYERS):
+                got = kv[layer].movedim(1, 0).reshape(chunk.num_tokens, -1)
+                if self.layout is PagedLayout.MLA:
+                    got = kv[layer, 0, :, 0]
+                want = kv_of(truth[layer, chunk.start : chunk.end], got.view(got.shape[0], -1))
+                assert torch.equal(got.reshape(want.shape), want), (chunk.start, layer)
+            held += 1
+        return held
+
+    def engine_kv(self, tokens: list[int]) -> torch.Tensor:
+        """The true KV of ``tokens`` in the engine's ``[layers, kv, n, heads, head]`` layout."""
+        truth = oracle(tokens)
+        spec = self.engine.spec
+        like = torch.empty(len(tokens), *spec.shape(1)[1:], dtype=spec.dtype).squeeze(2)
+        return torch.stack([kv_of(truth[layer], like).movedim(0, 1) for layer in range(LAYERS)])
+
+    def no_leaks(self) -> None:
+        """Nothing pinned, nothing in flight: every pool slot is free or cached alone."""
+        connector = self.connector
+        connector.poll()
+        storage = self.engine.storage
+        assert len(connector.pins) == 0, "pins left behind"
+        assert not connector._stores and not connector._loads, "transfers left in flight"
+        assert storage.pool.free_slots + len(storage.cpu) == storage.pool.num_slots, "slots"
+        assert len(storage.cpu.keys_lru_first()) == len(storage.cpu), "held cache entries"
 
     def evict_gpu(self) -> None:
         """Forget vLLM's prefix cache and wipe the paged tensors: only LMCache can help now."""

@@ -16,7 +16,7 @@ from lmcache.integration.vllm.paged import (
     detect_layout,
     store_jobs,
 )
-from tests.vllm.conftest import BLOCK, DEVICES, make_paged, token_slice
+from tests.vllm.conftest import BLOCK, DEVICES, SlotIO, make_paged
 
 NUM_BLOCKS = 64
 CHUNK = 32
@@ -26,6 +26,10 @@ LAYOUTS = [
     pytest.param(PagedLayout.BLOCK_FIRST, True, id="block-first-HND"),
     pytest.param(PagedLayout.MLA, False, id="mla"),
 ]
+
+
+def slot_of(paged: torch.Tensor, layout: PagedLayout, slot: int) -> torch.Tensor:
+    return SlotIO(layout).get(paged, torch.tensor([slot]))[0]
 
 
 def make_layers(layout: PagedLayout, device: str, hnd: bool, seed: int = 0) -> list[torch.Tensor]:
@@ -48,12 +52,21 @@ def make_engine(cache: PagedKVCache) -> LMCacheEngine:
     return LMCacheEngine(config, cache.spec, "paged-test")
 
 
+def settle(event: torch.cuda.Event | None) -> None:
+    """Wait for a transfer's event, and for the compute stream a load made wait on it (a
+    test's stand-in for vLLM's forward pass reading the KV)."""
+    if event is not None:
+        event.synchronize()
+        torch.cuda.current_stream().synchronize()
+
+
 def store(
     engine: LMCacheEngine, transfer: PagedTransfer, tokens: list[int], slots: torch.Tensor
 ) -> int:
-    """The worker's store: reserve the new chunks, copy them all in one batch, publish."""
+    """The worker's store: reserve the new chunks, copy them all in one batch, publish once
+    the copies have landed."""
     reserved = engine.reserve_chunks(tokens)
-    transfer.store([ChunkJob(b.kv(), 0, c.num_tokens, slots[c.start : c.end]) for c, b in reserved])
+    settle(transfer.store(store_jobs(reserved, slots)))
     return engine.commit_chunks(reserved)
 
 
@@ -73,10 +86,10 @@ def load(
             lo, hi = max(chunk.start, start), min(chunk.end, end)
             if lo < hi:
                 jobs.append(ChunkJob(kv, lo - chunk.start, hi - chunk.start, slots[lo:hi]))
-        transfer.start_load(jobs, layerwise)
+        done = transfer.start_load(jobs, layerwise)
         for layer in range(len(transfer.cache.layers)):
             transfer.wait_layer(layer)
-        transfer.finish_load()
+        settle(done)
 
 
 @pytest.mark.parametrize("staging", [STAGING_BYTES, 1], ids=["batched", "chunk-per-batch"])
@@ -101,13 +114,11 @@ def test_store_evict_load_restores_every_slot(
 
     for layer, original in zip(layers, before, strict=True):
         for slot in slots.tolist():
-            assert torch.equal(
-                token_slice(layer, layout, slot), token_slice(original, layout, slot)
-            )
+            assert torch.equal(slot_of(layer, layout, slot), slot_of(original, layout, slot))
         untouched = torch.ones(NUM_BLOCKS * BLOCK, dtype=torch.bool)
         untouched[slots] = False
         for slot in untouched.nonzero().flatten().tolist()[:50]:
-            assert not token_slice(layer, layout, slot).any()
+            assert not slot_of(layer, layout, slot).any()
 
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["chunk-major", "layer-major"])
@@ -127,9 +138,9 @@ def test_partial_load_writes_only_its_range(device: str, layerwise: bool) -> Non
 
     for layer, original in zip(layers, before, strict=True):
         for position, slot in enumerate(slots.tolist()):
-            got = token_slice(layer, layout, slot)
+            got = slot_of(layer, layout, slot)
             if 40 <= position < 99:
-                assert torch.equal(got, token_slice(original, layout, slot)), position
+                assert torch.equal(got, slot_of(original, layout, slot)), position
             else:
                 assert not got.any(), position
 
@@ -164,12 +175,14 @@ def test_one_batch_serves_several_requests_and_ranges(device: str, layerwise: bo
     requests = [(list(range(100, 200)), perm[:100]), (list(range(900, 970)), perm[100:170])]
     with make_engine(transfer.cache) as engine:
         reserved = [engine.reserve_chunks(tokens) for tokens, _ in requests]
-        transfer.store(
-            [
-                job
-                for (_, slots), chunks in zip(requests, reserved, strict=True)
-                for job in store_jobs(chunks, slots)
-            ]
+        settle(
+            transfer.store(
+                [
+                    job
+                    for (_, slots), chunks in zip(requests, reserved, strict=True)
+                    for job in store_jobs(chunks, slots)
+                ]
+            )
         )
         assert [engine.commit_chunks(r) for r in reserved] == [100, 70]
         for layer in layers:
@@ -187,15 +200,14 @@ def test_one_batch_serves_several_requests_and_ranges(device: str, layerwise: bo
                     lo, hi = max(chunk.start, start), min(chunk.end, end)
                     if lo < hi:
                         jobs.append(ChunkJob(kv, lo - chunk.start, hi - chunk.start, slots[lo:hi]))
-            transfer.start_load(jobs, layerwise)
-            transfer.finish_load()
+            settle(transfer.start_load(jobs, layerwise))
 
     for layer, original in zip(layers, before, strict=True):
         for (_, slots), (start, end) in zip(requests, ranges, strict=True):
             for position, slot in enumerate(slots.tolist()):
-                got = token_slice(layer, layout, slot)
+                got = slot_of(layer, layout, slot)
                 if start <= position < end:
-                    assert torch.equal(got, token_slice(original, layout, slot)), position
+                    assert torch.equal(got, slot_of(original, layout, slot)), position
                 else:
                     assert not got.any(), position
 

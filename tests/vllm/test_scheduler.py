@@ -1,7 +1,8 @@
 """vLLM's own ``Scheduler`` driving our engine through vLLM's built-in ``LMCacheConnectorV1``.
 
-Every scenario ends by checking the KV in the paged cache slot for slot against what the
-model computes, so a load that put wrong KV anywhere would fail here.
+Every scenario checks the KV in the paged cache against a forward pass over the whole
+sequence, what the engine stored against the same, and that nothing is left pinned or in
+flight. The rig runs vLLM's default ``kv_load_failure_policy: fail``.
 """
 
 from __future__ import annotations
@@ -10,20 +11,24 @@ import pytest
 import torch
 from vllm import SamplingParams
 from vllm.lora.request import LoRARequest
-from vllm.v1.request import Request
+from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+from vllm.v1.engine import FinishReason
 
+from lmcache.integration.vllm import scheduler as scheduler_module
+from lmcache.integration.vllm import settings
+from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata
 from lmcache.integration.vllm.paged import PagedLayout
-from lmcache.keys import ChunkRange
-from tests.vllm.conftest import BLOCK, CHUNK, CUDA, HEAD_SIZE, HEADS, LAYERS, Rig, RigFactory
+from lmcache.keys import KVContext
+from tests.vllm.conftest import BLOCK, CHUNK, CUDA, Rig, RigFactory
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:
     return [100 + (seed * 7919 + i * 13) % 30000 for i in range(n)]
 
 
-def serve_then_evict(rig: Rig, req_id: str, tokens: list[int]) -> None:
+def serve_then_evict(rig: Rig, req_id: str, tokens: list[int], **extra: object) -> None:
     """Run a request to completion (storing its KV), then drop it from vLLM's cache."""
-    rig.add(req_id, tokens)
+    rig.add(req_id, tokens, **extra)
     rig.run()
     rig.evict_gpu()
 
@@ -36,6 +41,11 @@ def store_line(req: str, stored: int, total: int) -> str:
     return f"Storing KV cache for {stored} out of {total} tokens for request {req}"
 
 
+def no_errors(rig: Rig) -> None:
+    assert FinishReason.ERROR not in rig.finished.values(), rig.finished
+    assert rig.load_errors == [set()] * len(rig.load_errors)
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("layout", list(PagedLayout))
 def test_first_request_stores_second_loads(
@@ -45,6 +55,7 @@ def test_first_request_stores_second_loads(
     assert type(rig.scheduler).__name__ == ("AsyncScheduler" if async_scheduling else "Scheduler")
     tokens = prompt(150)
     serve_then_evict(rig, "r1", tokens)
+    assert rig.check_stored(tokens) == 5
     rig.add("r2", tokens)
     first = rig.step()
     rig.run()
@@ -55,11 +66,12 @@ def test_first_request_stores_second_loads(
         m for m in lmcache_log if "request r1" in m
     ]
     assert lookup_line("r2", 150, 150, 149) in lmcache_log
-    assert store_line("r2", 0, 150) in lmcache_log
+    assert not [m for m in lmcache_log if m.startswith("Storing") and "r2" in m]
     assert first.scheduled_new_reqs[0].num_computed_tokens == 149
     assert first.num_scheduled_tokens["r2"] == 1
     rig.check("r2", 0, 150)
-    assert rig.load_errors == [set()] * len(rig.load_errors)
+    no_errors(rig)
+    rig.no_leaks()
 
 
 def test_partial_prefix_hit_loads_shared_chunks_and_stores_the_rest(
@@ -68,13 +80,17 @@ def test_partial_prefix_hit_loads_shared_chunks_and_stores_the_rest(
     rig: Rig = rig_factory()
     shared = prompt(100)
     serve_then_evict(rig, "r1", [*shared, *prompt(50, seed=1)])
-    rig.add("r2", [*shared, *prompt(60, seed=2)])
+    second = [*shared, *prompt(60, seed=2)]
+    rig.add("r2", second)
     rig.run()
 
     hit = 100 // CHUNK * CHUNK
     assert lookup_line("r2", 160, hit, hit) in lmcache_log
     assert store_line("r2", 160 - hit, 160) in lmcache_log
     rig.check("r2", 0, 160)
+    assert rig.check_stored(second) == 5
+    no_errors(rig)
+    rig.no_leaks()
 
 
 def test_two_requests_sharing_a_prefix_in_one_batch(
@@ -88,8 +104,6 @@ def test_two_requests_sharing_a_prefix_in_one_batch(
     assert set(step.num_scheduled_tokens) == {"r1", "r2"}
     rig.run()
 
-    assert lookup_line("r1", 130, 0, 0) in lmcache_log
-    assert lookup_line("r2", 130, 0, 0) in lmcache_log
     common = 100 // CHUNK * CHUNK
     assert store_line("r1", 130, 130) in lmcache_log
     assert store_line("r2", 130 - common, 130) in lmcache_log  # shared chunks stored once
@@ -99,6 +113,8 @@ def test_two_requests_sharing_a_prefix_in_one_batch(
     rig.run()
     assert lookup_line("r3", 130, 130, 129) in lmcache_log
     rig.check("r3", 0, 130)
+    no_errors(rig)
+    rig.no_leaks()
 
 
 def test_vllm_prefix_cache_hit_larger_than_ours(
@@ -112,75 +128,44 @@ def test_vllm_prefix_cache_hit_larger_than_ours(
     first = rig.step()
     rig.run()
 
-    assert [store_line("r1", 64, 64), store_line("r1", 0, 100)] == [
-        m for m in lmcache_log if "request r1" in m
-    ]
+    assert [store_line("r1", 64, 64)] == [m for m in lmcache_log if "request r1" in m]
     assert lookup_line("r2", 100, 64, 0) in lmcache_log
     assert first.scheduled_new_reqs[0].num_computed_tokens == 6 * BLOCK
-    assert store_line("r2", 0, 100) in lmcache_log
     rig.check("r2", 0, 100)
+    no_errors(rig)
+    rig.no_leaks()
 
 
-def pinned_refs(rig: Rig, tokens: list[int]) -> list[int]:
-    """The reference count of each cached chunk of ``tokens`` (1 = only the cache holds it)."""
-    storage = rig.shared.engine.storage
-    buffers = storage.pin_cpu_prefix([c.key for c in rig.shared.engine.chunks(tokens)])
-    refs = [b.refs - 1 for b in buffers]
-    for buffer in buffers:
-        storage.release(buffer)
-    return refs
-
-
-def test_abort_mid_load_releases_pins(rig_factory: RigFactory, lmcache_log: list[str]) -> None:
+def test_abort_after_the_load_was_scheduled_leaks_nothing(
+    rig_factory: RigFactory, lmcache_log: list[str]
+) -> None:
     rig: Rig = rig_factory()
     tokens = prompt(150)
-    serve_then_evict(rig, "r1", tokens)
+    serve_then_evict(rig, "r2-source", tokens)
     rig.add("r2", tokens)
     output = rig.schedule()
     assert lookup_line("r2", 150, 150, 149) in lmcache_log
-    assert len(rig.shared.pins) == 5  # pinned from scheduling until the worker loads them
-    assert pinned_refs(rig, tokens) == [2] * 5
+    assert len(rig.connector.pins) == 5  # pinned from the lookup until the worker loads them
 
     rig.abort("r2")
-    assert len(rig.shared.pins) == 0
-    assert pinned_refs(rig, tokens) == [1] * 5
-
-    rig.scheduler.update_from_output(output, rig.execute(output))  # the step was already sent
+    rig.update(output, rig.execute(output))  # the step was already sent: it still loads
     rig.run()
-    assert pinned_refs(rig, tokens) == [1] * 5
     assert "r2" not in rig.scheduler.requests
+    rig.no_leaks()
 
 
-@pytest.mark.parametrize("kept_chunks", [0, 2], ids=["nothing-left", "prefix-left"])
-def test_failed_load_reports_blocks_and_vllm_recomputes(
-    rig_factory: RigFactory, lmcache_log: list[str], kept_chunks: int
-) -> None:
-    chunk_bytes = CHUNK * LAYERS * 2 * HEADS * HEAD_SIZE * 4
-    rig: Rig = rig_factory({"lmcache.max_local_cpu_size": 6 * chunk_bytes / (1 << 30)})
-    tokens = prompt(150)  # 5 chunks: 4 full and a 22-token tail
+def test_abort_before_scheduling_releases_the_pins(rig_factory: RigFactory) -> None:
+    rig: Rig = rig_factory()
+    tokens = prompt(150)
     serve_then_evict(rig, "r1", tokens)
-    rig.add("r2", tokens)
-    output = rig.schedule()
-    assert output.scheduled_new_reqs[0].num_computed_tokens == 149
-
-    # As on a TP rank whose cache lost chunks after the lookup: unpinned, then evicted. The
-    # first ``kept_chunks`` are used last of all, so eviction spares them.
-    rig.shared.pins.drop("r2")
-    engine = rig.shared.engine
-    keys = [c.key for c in engine.chunks(tokens)]
-    for buffer in engine.storage.pin_cpu_prefix(keys[:kept_chunks]):
-        engine.storage.release(buffer)
-    other = prompt((6 - kept_chunks) * CHUNK, seed=9)
-    engine.store(other, torch.zeros(engine.spec.shape(len(other))))
-    kept = kept_chunks * CHUNK
-    assert engine.lookup(tokens) == kept
-
-    rig.scheduler.update_from_output(output, rig.execute(output))
-    failed = rig.blocks["r2"][kept // BLOCK : -(-149 // BLOCK)]
-    assert rig.load_errors[-1] == set(failed)
-    assert rig.scheduler.requests["r2"].num_computed_tokens == kept  # vLLM recomputes the rest
+    connector = rig.scheduler.connector
+    assert connector is not None
+    request = rig.add("r2", tokens)
+    assert connector.get_num_new_matched_tokens(request, 0) == (149, False)
+    assert len(rig.connector.pins) == 5
+    rig.abort("r2")
     rig.run()
-    rig.check("r2", 0, 150)
+    rig.no_leaks()
 
 
 def test_module_path_connector(rig_factory: RigFactory, lmcache_log: list[str]) -> None:
@@ -193,6 +178,8 @@ def test_module_path_connector(rig_factory: RigFactory, lmcache_log: list[str]) 
     rig.run()
     assert lookup_line("r2", 90, 90, 89) in lmcache_log
     rig.check("r2", 0, 90)
+    no_errors(rig)
+    rig.no_leaks()
 
 
 def test_preempted_request_resumes_from_the_cache(
@@ -205,31 +192,82 @@ def test_preempted_request_resumes_from_the_cache(
     assert rig.resumed, "no request was preempted"
     victim = rig.resumed[0]
     lookups = [m for m in lmcache_log if m.startswith(f"Reqid: {victim},")]
-    assert len(lookups) >= 2  # looked up again when it came back
-    assert ", LMCache hit tokens: 80, need to load: " in lookups[-1]  # its prompt was stored
-    assert len(rig.shared.pins) == 0
-    assert [m for m in lmcache_log if m.startswith("Storing") and victim in m][-1] == store_line(
-        victim, 80, 80
-    )  # stored once, not again on resumption
+    assert len(lookups) == 1, "the lookup line is logged once per request"
+    stores = [m for m in lmcache_log if m.startswith("Storing") and victim in m]
+    assert sum(int(m.split()[4]) for m in stores) == 80, "its prompt is stored once"
     rig.check(victim, 0, 80)
+    assert rig.check_stored(prompt(80, seed=1)) == 3
+    no_errors(rig)
+    rig.no_leaks()
 
 
-def test_lora_requests_bypass_the_cache(rig_factory: RigFactory) -> None:
+def test_tenants_adapters_and_images_get_their_own_keys(
+    rig_factory: RigFactory, lmcache_log: list[str]
+) -> None:
+    """cache_salt isolates tenants; a LoRA adapter or an image changes KV, so each is keyed:
+    a request hits only KV made with the same salt, adapter and image."""
+    rig: Rig = rig_factory()
+    tokens = prompt(100)
+    lora = LoRARequest("adapter", 1, "/nonexistent")
+    serve_then_evict(rig, "salted", tokens, cache_salt="tenant-a")
+    image = [MultiModalFeatureSpec(None, "image", "img-a", PlaceholderRange(offset=40, length=8))]
+    # Image and adapter requests need a model that takes them: store their KV as the worker
+    # would, under the keys the scheduler computes for such requests.
+    for extra in ({"lora_request": lora}, {"mm_features": image}):
+        context = settings.context(rig.make_request("x", tokens, **extra))  # type: ignore[arg-type]
+        rig.engine.store(tokens, rig.engine_kv(tokens), context=context)
+    connector = rig.scheduler.connector
+    assert connector is not None
+
+    def hit(**extra: object) -> int:
+        request = rig.make_request(f"probe-{len(lmcache_log)}", tokens, **extra)  # type: ignore[arg-type]
+        found = connector.get_num_new_matched_tokens(request, 0)[0]
+        connector.request_finished(request, [])
+        assert found is not None
+        return found
+
+    assert hit() == 32, "only the image request's chunk before the image is plain KV"
+    assert hit(cache_salt="tenant-a") == 99
+    assert hit(cache_salt="tenant-b") == 0
+    assert hit(lora_request=lora) == 99
+    assert hit(lora_request=LoRARequest("other", 2, "/nonexistent")) == 0
+    assert hit(mm_features=image) == 99
+    other_image = [
+        MultiModalFeatureSpec(None, "image", "img-b", PlaceholderRange(offset=40, length=8))
+    ]
+    assert hit(mm_features=other_image) == 32, "chunks before the image are shared"
+    assert rig.check_stored(tokens, KVContext(cache_salt="tenant-a")) == 4
+    rig.no_leaks()
+
+
+def test_prompt_logprob_requests_never_read_but_store(
+    rig_factory: RigFactory, lmcache_log: list[str]
+) -> None:
     rig: Rig = rig_factory()
     tokens = prompt(100)
     serve_then_evict(rig, "r1", tokens)
-    plain = rig.add("r2", tokens)
-    adapted = Request(
-        request_id="r3",
-        prompt_token_ids=tokens,
-        sampling_params=SamplingParams(max_tokens=1),
-        pooling_params=None,
-        lora_request=LoRARequest("adapter", 1, "/nonexistent"),
-    )
+    params = SamplingParams(max_tokens=1, prompt_logprobs=1)
+    request = rig.make_request("r2", tokens)
+    request.sampling_params = params
+    request.skip_reading_prefix_cache = request.get_skip_reading_prefix_cache()
+    assert request.skip_reading_prefix_cache
     connector = rig.scheduler.connector
     assert connector is not None
-    assert connector.get_num_new_matched_tokens(plain, 0) == (99, False)
-    assert connector.get_num_new_matched_tokens(adapted, 0) == (0, False)
+    assert connector.get_num_new_matched_tokens(request, 0) == (0, False)
+    rig.no_leaks()
+
+
+def test_prompt_embeds_bypass_the_cache(rig_factory: RigFactory) -> None:
+    """Placeholder token ids stand for embeddings the keys cannot see: never read, never
+    stored."""
+    rig: Rig = rig_factory()
+    tokens = prompt(64)
+    request = rig.make_request("r1", tokens, prompt_embeds=torch.zeros(64, 8))
+    connector = rig.scheduler.connector
+    assert connector is not None
+    assert connector.get_num_new_matched_tokens(request, 0) == (0, False)
+    assert connector.request_finished(request, []) == (False, None)
+    assert len(rig.engine.storage.cpu) == 0
 
 
 @pytest.mark.parametrize("kv_role", ["kv_producer", "kv_consumer"])
@@ -238,16 +276,23 @@ def test_kv_role_limits_the_direction(
 ) -> None:
     rig: Rig = rig_factory(kv_role=kv_role)  # vLLM's own wrapper, as with "kv_both"
     tokens = prompt(100)
-    rig.shared.engine.store(tokens[:64], torch.zeros(rig.shared.engine.spec.shape(64)))
+    rig.add("warm", tokens[:64], max_tokens=1)
+    if kv_role == "kv_consumer":  # nothing stores here: put the prefix in directly
+        rig.engine.store(tokens[:64], rig.engine_kv(tokens[:64]))
+    rig.run()
+    rig.evict_gpu()
     rig.add("r1", tokens)
     rig.run()
-    stored = [m for m in lmcache_log if m.startswith("Storing")]
+    stored = [m for m in lmcache_log if m.startswith("Storing") and "r1" in m]
     if kv_role == "kv_producer":  # stores, never loads
-        assert lookup_line("r1", 100, 0, 0) not in lmcache_log
-        assert stored == [store_line("r1", 0, 64), store_line("r1", 36, 100)]  # 64 were there
+        assert not [m for m in lmcache_log if m.startswith("Reqid: r1,")]
+        # the first 64 were stored by "warm"
+        assert stored == [store_line("r1", 0, 64), store_line("r1", 36, 100)]
     else:  # loads, never stores
         assert lookup_line("r1", 100, 64, 64) in lmcache_log
         assert stored == []
+    rig.check("r1", 0, 100)
+    rig.no_leaks()
 
 
 @pytest.mark.parametrize("device", [CUDA])
@@ -260,26 +305,30 @@ def test_cuda_paged_cache_end_to_end(
     layerwise: bool,
     device: str,
 ) -> None:
-    """The scenario of the first test on CUDA tensors: side stream, pinned pool, events."""
+    """The scenario of the first test on CUDA tensors: side streams, pinned pool, events,
+    stores published after they landed, finished requests kept until then."""
     rig: Rig = rig_factory({"use_layerwise": layerwise}, layout=layout, device=device)
     tokens = prompt(150)
     serve_then_evict(rig, "r1", tokens)
     rig.add("r2", tokens)
     rig.run()
     assert lookup_line("r2", 150, 150, 149) in lmcache_log
-    assert rig.shared.engine.storage.pool.pinned
+    assert rig.engine.storage.pool.pinned
     rig.check("r2", 0, 150)
+    assert rig.check_stored(tokens) == 5
+    no_errors(rig)
+    rig.no_leaks()
 
 
 def test_reregistered_kv_caches_keep_the_engine(rig_factory: RigFactory) -> None:
     rig: Rig = rig_factory()
     tokens = prompt(90)
     serve_then_evict(rig, "r1", tokens)
-    engine = rig.shared.engine
+    engine = rig.engine
     fresh = {name: torch.full_like(paged, -1) for name, paged in rig.layers.items()}
     rig.worker.register_kv_caches(fresh)  # new tensors, same geometry
     rig.layers = fresh
-    assert rig.shared.engine is engine
+    assert rig.engine is engine
     rig.add("r2", tokens)
     rig.run()
     rig.check("r2", 0, 90)  # loaded into the new tensors
@@ -291,30 +340,61 @@ def test_reregistered_kv_caches_keep_the_engine(rig_factory: RigFactory) -> None
     rig.check("r3", 0, 90)  # the refused tensors were not taken
 
 
-def test_a_waiting_request_is_hashed_once(
+def test_a_waiting_request_is_hashed_and_looked_up_once(
     rig_factory: RigFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """vLLM asks again about a waiting request every step; its chunk keys are computed once
-    and dropped when the request finishes."""
+    """vLLM asks again about a waiting request every step: its digests are computed once,
+    the ranks asked once, and both are dropped when the request finishes."""
     rig = rig_factory()
     tokens = prompt(150)
     serve_then_evict(rig, "r1", tokens)
-    engine = rig.shared.engine
     hashed: list[int] = []
-    real_chunks = engine.chunks
+    real = scheduler_module.chunk_digests
 
-    def counting_chunks(prompt_tokens: list[int]) -> list[ChunkRange]:
-        hashed.append(len(prompt_tokens))
-        return real_chunks(prompt_tokens)
+    def counting(tokens: list[int], *args: object, **kwargs: object) -> object:
+        hashed.append(len(tokens))
+        return real(tokens, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine, "chunks", counting_chunks)
+    monkeypatch.setattr(scheduler_module, "chunk_digests", counting)
     connector = rig.scheduler.connector
     assert connector is not None
     request = rig.make_request("r2", tokens)
+    lookups = rig.engine.metrics.value("lmcache_lookups_total")
     first = connector.get_num_new_matched_tokens(request, 0)
     second = connector.get_num_new_matched_tokens(request, 0)
-    assert first == second and first[0] == 149
+    assert first == second == (149, False)
     assert hashed == [150]
+    assert rig.engine.metrics.value("lmcache_lookups_total") == lookups + 1
     connector.request_finished(request, [])
     connector.get_num_new_matched_tokens(request, 0)
-    assert hashed == [150, 150], "a finished request's keys are not kept"
+    assert hashed == [150, 150], "a finished request's digests are not kept"
+    connector.request_finished(request, [])
+    rig.no_leaks()
+
+
+def test_each_step_ships_only_its_new_chunks(
+    rig_factory: RigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-step work is O(new chunks): a long prompt's chunked prefill ships each chunk once,
+    and no step carries the prompt's tokens or its whole block table."""
+    rig: Rig = rig_factory(max_num_batched_tokens=64)
+    shipped: list[LMCacheConnectorMetadata] = []
+    connector = rig.scheduler.connector
+    assert connector is not None
+    real = connector.build_connector_meta
+
+    def spy(output: object) -> LMCacheConnectorMetadata:
+        meta = real(output)  # type: ignore[arg-type]
+        shipped.append(meta)
+        return meta
+
+    monkeypatch.setattr(connector, "build_connector_meta", spy)
+    tokens = prompt(640)
+    rig.add("r1", tokens)
+    rig.run()
+    chunks = [c for meta in shipped for spec in meta.stores for c in spec.chunks]
+    assert [c.start for c in chunks] == list(range(0, 640, CHUNK))
+    for meta in shipped:
+        for spec in meta.stores:
+            assert len(spec.blocks.block_ids) <= -(-len(spec.chunks) * CHUNK // BLOCK) + 1
+    rig.no_leaks()

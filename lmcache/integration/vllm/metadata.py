@@ -1,4 +1,9 @@
-"""What the scheduler-side connector tells the workers each step (plain, picklable data)."""
+"""What the scheduler-side connector tells every worker each step: small typed specs.
+
+Only what changes in the step travels: the chunks a request loads or stores now (their digests,
+computed once per request by the scheduler) and the blocks that hold their tokens, never a
+request's whole prompt or block table.
+"""
 
 from __future__ import annotations
 
@@ -7,41 +12,67 @@ from dataclasses import dataclass, field
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-
-@dataclass(frozen=True)
-class LoadSpec:
-    """Load tokens ``[start, end)``; the cached prefix the lookup found is ``tokens[:hit]``
-    (chunk keys are computed over it, so ``end`` may stop short of a chunk boundary)."""
-
-    start: int
-    end: int
-    hit: int
+from lmcache.keys import ChunkRange
 
 
 @dataclass(frozen=True)
-class RequestOp:
-    """One request's KV work this step: a load before the forward, a store after it."""
+class BlockSpan:
+    """The request's blocks ``first, first + 1, ...`` by index, with their vLLM block ids:
+    enough to find the slot of any token in ``[first * block_size, ...)``."""
 
-    req_id: str
-    token_ids: list[int]
-    block_ids: list[int]
-    load: LoadSpec | None = None
-    store_skip: int = 0
-    store_end: int | None = None
-    """Store the chunks of ``token_ids[:store_end]`` starting at or after ``store_skip``;
-    None = no store this step."""
+    first: int
+    block_ids: tuple[int, ...]
 
-    def slots(self, block_size: int, end: int) -> torch.Tensor:
-        """vLLM slot ids of tokens ``[0, end)``: ``block_id * block_size + offset``."""
-        blocks = torch.tensor(self.block_ids[: -(-end // block_size)], dtype=torch.long)
+    @classmethod
+    def covering(cls, block_ids: list[int], block_size: int, start: int, end: int) -> BlockSpan:
+        """The blocks holding tokens ``[start, end)`` of a request with ``block_ids``."""
+        first, last = start // block_size, -(-end // block_size)
+        return cls(first, tuple(block_ids[first:last]))
+
+    def slots(self, block_size: int, start: int, end: int) -> torch.Tensor:
+        """vLLM slot ids of tokens ``[start, end)``: ``block_id * block_size + offset``."""
+        blocks = torch.tensor(self.block_ids, dtype=torch.long)
         offsets = torch.arange(block_size, dtype=torch.long)
-        return (blocks[:, None] * block_size + offsets[None, :]).flatten()[:end]
+        slots = (blocks[:, None] * block_size + offsets[None, :]).flatten()
+        base = self.first * block_size
+        return slots[start - base : end - base]
 
     def blocks_from(self, block_size: int, start: int, end: int) -> set[int]:
         """Block ids holding any of tokens ``[start, end)``."""
-        return set(self.block_ids[start // block_size : -(-end // block_size)])
+        lo, hi = start // block_size - self.first, -(-end // block_size) - self.first
+        return set(self.block_ids[max(lo, 0) : hi])
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Write tokens ``[start, end)`` of a request from the chunks it pinned at lookup.
+
+    ``chunks`` are the pinned chunks that hold those tokens, in order (digests, not keys:
+    each rank turns them into its own keys)."""
+
+    req_id: str
+    chunks: tuple[ChunkRange, ...]
+    start: int
+    end: int
+    blocks: BlockSpan
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Store these chunks of a request, whose tokens this step's forward pass computed (or
+    vLLM's prefix cache holds). ``total_tokens``: the request's tokens computed so far (the
+    seed's "Storing KV cache for N out of M tokens")."""
+
+    req_id: str
+    chunks: tuple[ChunkRange, ...]
+    blocks: BlockSpan
+    total_tokens: int
 
 
 @dataclass
 class LMCacheConnectorMetadata(KVConnectorMetadata):
-    requests: list[RequestOp] = field(default_factory=list)
+    loads: list[LoadSpec] = field(default_factory=list)
+    stores: list[StoreSpec] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    """Requests whose blocks vLLM freed: stores still reading them must finish before this
+    step's forward pass writes other requests' KV there."""

@@ -6,9 +6,9 @@ a copy of the cache. Transfers are batched: chunks of equal length share one dev
 tensor and one gather or scatter kernel per layer, and each chunk crosses the bus as one
 large DMA between its staging block and its pinned pool slot. On CUDA the kernels run on a
 transfer stream and the DMAs (``non_blocking=True``) on a copy stream, overlapped batch by
-batch; a store waits once for the whole step, a layer-wise load records one event per layer
-so each attention layer waits only for its own KV. On CPU tensors the same code runs
-synchronously.
+batch, and nothing waits on the CPU: a store returns an event the worker polls before it
+publishes the chunks; a load makes the compute stream wait (per layer with ``use_layerwise``).
+On CPU tensors the same code runs synchronously.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -108,11 +107,12 @@ class PagedKVCache:
             paged[blocks, offsets] = kv[..., 0, :, 0, :]
 
 
-STAGING_BYTES = 256 << 20
-"""Device staging a transfer uses at most (two buffers, or two chunks if larger), besides one
-layer of one batch in indexing temporaries: bounds what a transfer borrows from vLLM's GPU
-memory. Measured on an H200: 128-512 MiB all keep the DMAs back to back; 64 MiB and less
-leave the copy engine waiting on kernel launches."""
+STAGING_BYTES = 128 << 20
+"""Device staging of one direction (two buffers used in turn; loads and stores each have
+their own, so a load never waits behind a store): bounds what transfers borrow from vLLM's
+GPU memory. Allocated once, with the KV caches, not inside a step. Measured on an H200:
+128-512 MiB in all keep the DMAs back to back; 64 MiB and less leave the copy engine waiting
+on kernel launches."""
 
 
 @dataclass(frozen=True)
@@ -126,10 +126,13 @@ class ChunkJob:
     slots: torch.Tensor
 
 
-def store_jobs(reserved: Reserved, slots: torch.Tensor) -> list[ChunkJob]:
-    """The copies that fill reserved chunks of one request whose token ``i`` sits at
-    ``slots[i]``."""
-    return [ChunkJob(b.kv(), 0, c.num_tokens, slots[c.start : c.end]) for c, b in reserved]
+def store_jobs(reserved: Reserved, slots: torch.Tensor, first_token: int = 0) -> list[ChunkJob]:
+    """The copies that fill reserved chunks of one request whose token ``first_token + i``
+    sits at ``slots[i]``."""
+    return [
+        ChunkJob(b.kv(), 0, c.num_tokens, slots[c.start - first_token : c.end - first_token])
+        for c, b in reserved
+    ]
 
 
 @dataclass(frozen=True)
@@ -149,68 +152,66 @@ class _Batch:
         return self.jobs[0].hi
 
 
+class _Direction:
+    """One direction's streams and staging ring: a kernel stream (gathers or scatters) and a
+    copy stream (DMAs between staging and pinned memory), and the event after which each
+    staging buffer may be refilled. The events persist across steps, so a transfer issued
+    while the last one is still in flight waits for it on the GPU, never on the CPU."""
+
+    def __init__(self, device: torch.device, staging_bytes: int) -> None:
+        self.kernel = torch.cuda.Stream(device)
+        self.copy = torch.cuda.Stream(device)
+        half = staging_bytes // 2
+        self.ring = [torch.empty(half, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.free: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+
+    def buffer(self, nbytes: int) -> tuple[int, torch.Tensor]:
+        """The next staging buffer (grown if one batch needs more: a chunk larger than half
+        the ring); the caller waits for ``free[i]`` before writing it."""
+        i, self.turn = self.turn, 1 - self.turn
+        if self.ring[i].numel() < nbytes:
+            # Allocated on the kernel stream after the buffer's last reader is done with it.
+            with torch.cuda.stream(self.kernel):
+                self.wait_free(self.kernel, i)
+                self.ring[i] = torch.empty(nbytes, dtype=torch.uint8, device=self.ring[i].device)
+        return i, self.ring[i]
+
+    def wait_free(self, stream: torch.cuda.Stream, i: int) -> None:
+        """Order ``stream`` after the last use of staging buffer ``i``."""
+        event = self.free[i]
+        if event is not None:
+            stream.wait_event(event)
+
+
 class PagedTransfer:
     """Copies between a :class:`PagedKVCache` and pinned ``[layers, kv, n, heads, head]``
     chunk views, on CPU synchronously and on CUDA asynchronously, through the same code.
 
-    On CUDA, gathers and scatters run on a kernel stream and the DMAs between device staging
-    and pinned memory on a copy stream, through two staging buffers used in turn: the copy
-    engine moves one batch while the kernels work on the next. Events order the two streams
-    per batch: a buffer is refilled only after the other stream is done with it.
+    On CUDA, per direction, gathers and scatters run on a kernel stream and the DMAs between
+    device staging and pinned memory on a copy stream, through two staging buffers used in
+    turn: the copy engine moves one batch while the kernels work on the next. Stores and
+    loads use separate streams and buffers, so PCIe carries both directions at once.
+    Completion is an event the caller polls: nothing here waits on the CPU.
     """
 
     def __init__(self, cache: PagedKVCache, staging_bytes: int = STAGING_BYTES) -> None:
         self.cache = cache
-        self.staging_bytes = staging_bytes
         cuda = cache.device.type == "cuda"
-        self.stream = torch.cuda.Stream(cache.device) if cuda else None
-        self.copy_stream = torch.cuda.Stream(cache.device) if cuda else None
+        self._store = _Direction(cache.device, staging_bytes) if cuda else None
+        self._load = _Direction(cache.device, staging_bytes) if cuda else None
         self._layer_events: list[torch.cuda.Event] = []
 
-    @staticmethod
-    def _on(stream: torch.cuda.Stream | None) -> AbstractContextManager[object]:
-        return torch.cuda.stream(stream) if stream is not None else nullcontext()
-
-    @staticmethod
-    def _record(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
-        if stream is None:
-            return None
-        event = torch.cuda.Event()
-        event.record(stream)
-        return event
-
-    @staticmethod
-    def _wait(stream: torch.cuda.Stream | None, event: torch.cuda.Event | None) -> None:
-        if stream is not None and event is not None:
-            stream.wait_event(event)
-
-    def _begin(
-        self, num_layers: int, jobs: Sequence[ChunkJob]
-    ) -> tuple[list[_Batch], list[torch.Tensor]]:
-        """Order the kernel stream after the compute stream's queued work, index the jobs and
-        allocate the two staging buffers on it; then order the copy stream after it, since
-        the buffers may reuse memory that earlier kernel-stream work still touches."""
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.cache.device))
-        with self._on(self.stream):
-            batches = self._batches(jobs, num_layers)
-            nbytes = max(len(b.jobs) * b.jobs[0].kv[:num_layers].nbytes for b in batches)
-            device = self.cache.device
-            ring = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
-        if self.copy_stream is not None and self.stream is not None:
-            self.copy_stream.wait_stream(self.stream)
-        return batches, ring
-
-    def _batches(self, jobs: Sequence[ChunkJob], num_layers: int) -> list[_Batch]:
+    def _batches(self, jobs: Sequence[ChunkJob], num_layers: int, budget: int) -> list[_Batch]:
         """``jobs`` grouped by (chunk length, lo, hi) and split so that staging
-        ``num_layers`` layers of a batch fits one of the two staging buffers."""
+        ``num_layers`` layers of a batch fits ``budget`` bytes (at least one job a batch)."""
         groups: dict[tuple[int, int, int], list[ChunkJob]] = {}
         for job in jobs:
             groups.setdefault((job.kv.shape[2], job.lo, job.hi), []).append(job)
         batches = []
         for group in groups.values():
             per_job = group[0].kv[:num_layers].nbytes
-            size = max(1, self.staging_bytes // 2 // per_job)
+            size = max(1, budget // per_job)
             for start in range(0, len(group), size):
                 part = group[start : start + size]
                 slots = torch.stack([job.slots for job in part])
@@ -223,96 +224,114 @@ class PagedTransfer:
         shape = (len(batch.jobs), num_layers, *spec.shape(batch.jobs[0].kv.shape[2])[1:])
         return buffer.view(spec.dtype)[: math.prod(shape)].view(shape)
 
-    def _synchronize(self) -> None:
-        for stream in (self.stream, self.copy_stream):
-            if stream is not None:
-                stream.synchronize()
+    @staticmethod
+    def _record(stream: torch.cuda.Stream) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def _budget(self, direction: _Direction | None) -> int:
+        return direction.ring[0].numel() if direction is not None else 1 << 62
 
     # -- store (paged -> pinned) ---------------------------------------------------------
 
-    def store(self, jobs: Sequence[ChunkJob]) -> None:
-        """Copy the KV at each job's slots into its pinned chunk; complete on return.
+    def store(self, jobs: Sequence[ChunkJob]) -> torch.cuda.Event | None:
+        """Copy the KV at each job's slots into its pinned chunk.
 
-        Ordered after the forward pass that wrote the KV. Per batch: one gather per layer
-        into staging, then one DMA per chunk; the CPU waits once, at the end, because the
-        engine publishes the chunks as soon as this returns.
+        On CPU the copies are done on return (None). On CUDA they are queued after the
+        compute stream's work so far (the forward pass that wrote the KV) and the returned
+        event completes once every byte has landed in pinned memory; the caller keeps the
+        chunks unpublished, and vLLM's blocks unfreed, until then.
         """
         if not jobs:
-            return
+            return None
         cache = self.cache
         num_layers = len(cache.layers)
-        batches, ring = self._begin(num_layers, jobs)
-        drained: list[torch.cuda.Event | None] = [None, None]
-        try:
-            for i, batch in enumerate(batches):
-                buffer = i % 2
-                lo, hi = batch.lo, batch.hi
-                with self._on(self.stream):
-                    self._wait(self.stream, drained[buffer])  # its last batch is on the host
-                    staged = self._view(ring[buffer], batch, num_layers)
-                    for layer in range(num_layers):
-                        staged[:, layer, :, lo:hi] = cache.read(layer, batch.index)
-                    gathered = self._record(self.stream)
-                with self._on(self.copy_stream):
-                    self._wait(self.copy_stream, gathered)
-                    for job, chunk in zip(batch.jobs, staged, strict=True):
-                        job.kv[:, :, lo:hi].copy_(chunk[:, :, lo:hi], non_blocking=True)
-                    drained[buffer] = self._record(self.copy_stream)
-        finally:
-            # Also on failure: the caller frees the reserved slots, and copies already queued
-            # into them must have landed before any slot is reused.
-            self._synchronize()
+        d = self._store
+        if d is None:
+            for batch in self._batches(jobs, num_layers, self._budget(d)):
+                for layer in range(num_layers):
+                    kv = cache.read(layer, batch.index)
+                    for job, chunk in zip(batch.jobs, kv, strict=True):
+                        job.kv[layer, :, batch.lo : batch.hi].copy_(chunk)
+            return None
+        d.kernel.wait_stream(torch.cuda.current_stream(cache.device))
+        with torch.cuda.stream(d.kernel):
+            batches = self._batches(jobs, num_layers, self._budget(d))
+        for batch in batches:
+            lo, hi = batch.lo, batch.hi
+            nbytes = len(batch.jobs) * batch.jobs[0].kv[:num_layers].nbytes
+            i, buffer = d.buffer(nbytes)
+            with torch.cuda.stream(d.kernel):
+                d.wait_free(d.kernel, i)  # its last batch is on the host
+                staged = self._view(buffer, batch, num_layers)
+                for layer in range(num_layers):
+                    staged[:, layer, :, lo:hi] = cache.read(layer, batch.index)
+                gathered = self._record(d.kernel)
+            with torch.cuda.stream(d.copy):
+                d.copy.wait_event(gathered)
+                for job, chunk in zip(batch.jobs, staged, strict=True):
+                    job.kv[:, :, lo:hi].copy_(chunk[:, :, lo:hi], non_blocking=True)
+                d.free[i] = self._record(d.copy)
+        return self._record(d.copy)
+
+    def fence(self, event: torch.cuda.Event | None) -> None:
+        """Make the compute stream wait for ``event`` (no CPU stall): before vLLM's next
+        forward may overwrite blocks a store is still reading (a preempted request's)."""
+        if event is not None:
+            torch.cuda.current_stream(self.cache.device).wait_event(event)
 
     # -- load (pinned -> paged) ----------------------------------------------------------
 
-    def start_load(self, jobs: Sequence[ChunkJob], layerwise: bool) -> None:
-        """Issue every job's copies.
+    def start_load(self, jobs: Sequence[ChunkJob], layerwise: bool) -> torch.cuda.Event | None:
+        """Issue every job's copies; returns an event that completes when the pinned sources
+        have been read (None on CPU, where the copies are done on return).
 
         ``layerwise``: layer by layer, with an event after each, so the forward pass runs
         layer 0 while later layers are still in flight (:meth:`wait_layer`). Otherwise all
         layers of a batch of chunks at once (one DMA per chunk), and the compute stream waits
         for all of them here (on the GPU: no CPU stall, and safe under full CUDA graphs).
-        The pinned sources must stay alive until :meth:`finish_load`.
         """
         cache = self.cache
         self._layer_events = []
         if not jobs:
-            return
+            return None
         num_layers = len(cache.layers)
+        d = self._load
+        if d is None:
+            for batch in self._batches(jobs, num_layers, self._budget(d)):
+                for layer in range(num_layers):
+                    kv = torch.stack([job.kv[layer, :, batch.lo : batch.hi] for job in batch.jobs])
+                    cache.write(layer, batch.index, kv)
+            return None
         per_step = 1 if layerwise else num_layers
-        batches, ring = self._begin(per_step, jobs)
+        d.kernel.wait_stream(torch.cuda.current_stream(cache.device))
+        with torch.cuda.stream(d.kernel):
+            batches = self._batches(jobs, per_step, self._budget(d))
+        d.copy.wait_stream(d.kernel)
         steps = [(b, layer) for layer in range(0, num_layers, per_step) for b in batches]
-        drained: list[torch.cuda.Event | None] = [None, None]
-        for i, (batch, first) in enumerate(steps):
-            buffer = i % 2
-            with self._on(self.copy_stream):
-                self._wait(self.copy_stream, drained[buffer])  # its last batch is scattered
-                staged = self._view(ring[buffer], batch, per_step)
+        for n, (batch, first) in enumerate(steps):
+            nbytes = len(batch.jobs) * batch.jobs[0].kv[:per_step].nbytes
+            i, buffer = d.buffer(nbytes)
+            with torch.cuda.stream(d.copy):
+                d.wait_free(d.copy, i)  # its last batch is scattered
+                staged = self._view(buffer, batch, per_step)
                 for job, chunk in zip(batch.jobs, staged, strict=True):
                     chunk.copy_(job.kv[first : first + per_step], non_blocking=True)
-                arrived = self._record(self.copy_stream)
-            with self._on(self.stream):
-                self._wait(self.stream, arrived)
+                arrived = self._record(d.copy)
+            with torch.cuda.stream(d.kernel):
+                d.kernel.wait_event(arrived)
                 for offset in range(per_step):
                     kv = staged[:, offset, :, batch.lo : batch.hi]
                     cache.write(first + offset, batch.index, kv)
-                drained[buffer] = self._record(self.stream)
-            if layerwise and (i + 1) % len(batches) == 0:
-                self._record_layer()
-        if self.stream is not None and not layerwise:
-            torch.cuda.current_stream(cache.device).wait_stream(self.stream)
-
-    def _record_layer(self) -> None:
-        event = self._record(self.stream)
-        if event is not None:
-            self._layer_events.append(event)
+                d.free[i] = self._record(d.kernel)
+            if layerwise and (n + 1) % len(batches) == 0:
+                self._layer_events.append(self._record(d.kernel))
+        if not layerwise:
+            torch.cuda.current_stream(cache.device).wait_stream(d.kernel)
+        return self._record(d.copy)
 
     def wait_layer(self, layer: int) -> None:
         """Make the compute stream wait for layer ``layer``'s loaded KV (no CPU stall)."""
         if layer < len(self._layer_events):
             torch.cuda.current_stream(self.cache.device).wait_event(self._layer_events[layer])
-
-    def finish_load(self) -> None:
-        """Block until every issued load copy is done, so its pinned sources can be freed."""
-        self._synchronize()
-        self._layer_events = []

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmcache.config import LMCacheEngineConfig
+from lmcache.keys import KVContext
+from lmcache.spec import KVSpec
 
 if TYPE_CHECKING:
     from vllm.config import KVTransferConfig, VllmConfig
+    from vllm.v1.request import Request
 
 EXTRA_PREFIX = "lmcache."
 EXTRA_SOURCE = "kv_connector_extra_config"
@@ -67,5 +71,72 @@ def shard(vllm_config: VllmConfig) -> tuple[int, int]:
     return get_pp_group().rank_in_group * tp.world_size + tp.rank_in_group, world_size
 
 
-def model_name(vllm_config: VllmConfig) -> str:
-    return str(vllm_config.model_config.model)
+def world_size(vllm_config: VllmConfig) -> int:
+    """KV shards of one instance: every TP rank of every pipeline stage."""
+    parallel = vllm_config.parallel_config
+    return parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+
+
+def model_identity(vllm_config: VllmConfig) -> str:
+    """What must match for KV to be reusable besides the shard: the model and its weights.
+
+    vLLM's own model-config hash covers architecture, dtype, quantization, revision and the
+    rest of what shapes the forward pass; the Hugging Face snapshot actually loaded covers
+    an unpinned revision that moved (a rolling update must not load the old weights' KV into
+    the new model); dummy weights differ by seed. A local directory's weights are not hashed
+    (16 GB per start): give a new path or ``--revision`` when weights change in place.
+    """
+    model = vllm_config.model_config
+    identity = f"{model.model}@{model.revision or ''}#{model.compute_hash()[:16]}"
+    snapshot = _snapshot(str(model.model), model.revision)
+    if snapshot:
+        identity += f"+{snapshot}"
+    if str(vllm_config.load_config.load_format) == "dummy":
+        identity += f"+seed{model.seed}"
+    return identity
+
+
+def _snapshot(model: str, revision: str | None) -> str | None:
+    """The commit of the Hugging Face snapshot of ``model`` in the local cache, if any."""
+    if Path(model).exists():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "config.json", revision=revision)
+    except Exception:
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def kv_dtype(vllm_config: VllmConfig, spec: KVSpec) -> str:
+    """The KV cache's element type: vLLM's ``--kv-cache-dtype`` when set (fp8 e4m3 and e5m2
+    caches are both uint8 tensors), else the tensor dtype."""
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    return spec.dtype_name if cache_dtype == "auto" else cache_dtype
+
+
+def bypassed(request: Request) -> bool:
+    """Requests whose KV chunk keys cannot name: prompt embeddings stand behind placeholder
+    token ids that are the same for every embedding."""
+    return request.prompt_token_ids is None or getattr(request, "prompt_embeds", None) is not None
+
+
+def skips_reading(request: Request) -> bool:
+    """vLLM's per-request opt-out of reading cached KV (prompt logprobs need every token
+    computed); such requests still store."""
+    return bool(getattr(request, "skip_reading_prefix_cache", False))
+
+
+def context(request: Request) -> KVContext:
+    """What besides the token ids keys this request's KV: tenant salt, LoRA adapter, and the
+    content hash of each multimodal item at its placeholder."""
+    lora = request.lora_request
+    items = tuple(
+        (int(f.mm_position.offset), str(f.identifier)) for f in (request.mm_features or ())
+    )
+    return KVContext(
+        cache_salt=request.cache_salt,
+        lora=f"{lora.lora_name}:{lora.lora_int_id}:{lora.lora_path}" if lora else None,
+        multimodal=items,
+    )

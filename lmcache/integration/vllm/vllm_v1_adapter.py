@@ -58,7 +58,7 @@ class LMCacheConnectorV1Impl:
 
     # -- scheduler side ----------------------------------------------------------------
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int | None:
         return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, num_external_tokens: int) -> None:
@@ -92,8 +92,8 @@ class LMCacheConnectorV1Impl:
         self.worker.wait_for_save(self._metadata())
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Loads and stores complete within their step: nothing finishes asynchronously."""
-        return None, None
+        """Finished requests whose stores have landed (their blocks may be freed now)."""
+        return self.worker.get_finished(finished_req_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors()

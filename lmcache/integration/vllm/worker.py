@@ -1,33 +1,68 @@
 """Worker side: owns this rank's engine and moves KV between it and vLLM's paged cache.
 
-Loads are issued before the forward pass on a side stream (per-layer events with
-``use_layerwise``, else the compute stream waits for all of them at once, which is safe under
-full CUDA graphs). Stores run once per step after the forward pass: the new chunks of every
-request get pool slots reserved, are gathered from the paged cache and copied into them in
-one batch with a single wait, and only then are published. A chunk that cannot be loaded has its
-blocks reported to vLLM, which recomputes them: a load never yields wrong KV silently.
+The scheduler decides; a rank moves bytes and answers for what it holds. Each step:
+
+- ``start_load``: stores that have landed are published, loads that have finished unpin
+  their chunks; the compute stream is fenced behind stores still reading a preempted
+  request's blocks; then the step's loads are issued from the chunks the rank pinned at
+  lookup (on a side stream; the compute stream waits on the GPU, per layer with
+  ``use_layerwise``). A load whose chunks are not pinned here has its blocks reported to vLLM.
+- ``wait_for_save``: slots are reserved for the new chunks of every request and the
+  gathers and device-to-host copies are queued on side streams; nothing waits. A request
+  whose load failed in this step stores nothing: its new KV was computed over missing context.
+- ``get_finished``: a finished request is reported once its stores have landed, so vLLM
+  keeps its blocks until the copies out of them are done.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from lmcache.engine import LMCacheEngine
 from lmcache.integration.vllm import settings
-from lmcache.integration.vllm.lookup import LookupServer
-from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata, RequestOp
+from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata, LoadSpec, StoreSpec
 from lmcache.integration.vllm.paged import ChunkJob, PagedKVCache, PagedTransfer, store_jobs
-from lmcache.integration.vllm.shared import SharedEngine, chunks_to_load, publish, withdraw
+from lmcache.integration.vllm.pins import PinTable
+from lmcache.integration.vllm.rpc import Answer, RankServer
+from lmcache.keys import ChunkRange
+from lmcache.log import log_store
 from lmcache.memory.pool import ChunkBuffer
 from lmcache.storage.manager import Reserved
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from vllm.config import VllmConfig
 
 logger = logging.getLogger("lmcache")
+
+
+@dataclass
+class _Store:
+    """Stores of one request issued in one step, published once ``done`` has completed."""
+
+    req_id: str
+    reserved: Reserved
+    total_tokens: int
+    done: torch.cuda.Event | None
+
+
+@dataclass
+class _Load:
+    """A step's loads: their source chunks stay pinned until ``done`` has completed."""
+
+    buffers: list[ChunkBuffer]
+    done: torch.cuda.Event | None
+
+
+def _landed(event: torch.cuda.Event | None) -> bool:
+    return event is None or event.query()
 
 
 class WorkerConnector:
@@ -38,43 +73,57 @@ class WorkerConnector:
         self.block_size = vllm_config.cache_config.block_size
         self.layerwise = settings.use_layerwise(vllm_config)
         self.rank, self.world_size = 0, 1
-        self.shared: SharedEngine | None = None
+        self._engine: LMCacheEngine | None = None
+        self._pins: PinTable | None = None
         self.transfer: PagedTransfer | None = None
-        self._server: LookupServer | None = None
+        self._server: RankServer | None = None
         self._layers: dict[str, int] = {}
-        self._inflight: list[ChunkBuffer] = []
+        self._lock = threading.Lock()  # the rank server thread publishes landed stores too
+        self._stores: deque[_Store] = deque()
+        self._loads: list[_Load] = []
+        self._storing: dict[str, int] = {}
+        """Requests that had stores shipped to them -> their stores not landed yet."""
+        self._finishing: set[str] = set()
+        self._failed: set[str] = set()
         self._load_errors: set[int] = set()
 
     @property
     def engine(self) -> LMCacheEngine:
-        if self.shared is None:
+        if self._engine is None:
             raise RuntimeError("register_kv_caches has not been called")
-        return self.shared.engine
+        return self._engine
+
+    @property
+    def pins(self) -> PinTable:
+        if self._pins is None:
+            raise RuntimeError("register_kv_caches has not been called")
+        return self._pins
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Build this rank's engine for the KV geometry vLLM allocated (and, by now, with
-        vLLM's parallel groups set up, for this rank's shard)."""
+        vLLM's parallel groups set up, for this rank's shard), its device staging, and the
+        socket the scheduler asks it on."""
         cache = PagedKVCache(list(kv_caches.values()))
-        if self.shared is not None and cache.spec != self.shared.engine.spec:
+        if self._engine is not None and cache.spec != self._engine.spec:
             raise ValueError(
                 f"re-registered KV caches have geometry {cache.spec}, the engine was built "
-                f"for {self.shared.engine.spec}; allowed: the same geometry"
+                f"for {self._engine.spec}; allowed: the same geometry"
             )
         self._layers = {name: i for i, name in enumerate(kv_caches)}
         self.transfer = PagedTransfer(cache)
-        if self.shared is not None:  # re-registered (e.g. after vLLM's sleep mode): keep KV
+        if self._engine is not None:  # re-registered (e.g. after vLLM's sleep mode): keep KV
             return
         self.rank, self.world_size = settings.shard(self.vllm_config)
-        engine = LMCacheEngine(
+        self._engine = LMCacheEngine(
             self.config,
             cache.spec,
-            settings.model_name(self.vllm_config),
+            settings.model_identity(self.vllm_config),
             self.world_size,
             self.rank,
+            kv_dtype=settings.kv_dtype(self.vllm_config, cache.spec),
         )
-        self.shared = publish(self.instance_id, self.rank, engine)
-        if self.rank == 0 and not settings.scheduler_in_worker_process(self.vllm_config):
-            self._server = LookupServer(engine, self.instance_id)
+        self._pins = PinTable(self._engine)
+        self._server = RankServer(self, self.instance_id, self.rank)
         logger.info(
             "LMCache connector: rank %d/%d, %d layers %s %s, block size %d, chunk size %d",
             self.rank,
@@ -86,80 +135,90 @@ class WorkerConnector:
             self.config.chunk_size,
         )
 
+    # -- the scheduler's questions (rank server thread) ------------------------------------
+
+    def lookup(self, req_id: str, digests: Sequence[ChunkRange]) -> Answer:
+        self.poll()  # an idle engine publishes its last stores when asked
+        return self.pins.lookup(req_id, digests)
+
+    def status(self, req_id: str) -> Answer:
+        return self.pins.status(req_id)
+
+    def release(self, req_id: str) -> None:
+        self.pins.release(req_id)
+
     # -- load --------------------------------------------------------------------------
 
     def start_load(self, meta: LMCacheConnectorMetadata) -> None:
+        self.poll()
+        self._fence(meta.preempted)
         jobs: list[ChunkJob] = []
-        loading = [op for op in meta.requests if op.load is not None]
-        for op in loading:
-            try:
-                loaded = self._plan_load(op, jobs)
-            except Exception:
-                logger.exception("LMCache load of request %s failed; vLLM recomputes", op.req_id)
-                loaded = 0
-            self._report_missing(op, loaded)
+        buffers: list[ChunkBuffer] = []
+        for load in meta.loads:
+            planned = self._plan_load(load, jobs)
+            if planned is None:
+                self._fail(load, "its chunks are not pinned on this rank")
+            else:
+                buffers += planned
         if not jobs:
             return
         try:
-            self._transfer().start_load(jobs, self.layerwise)
+            done = self._transfer().start_load(jobs, self.layerwise)
         except Exception:
-            logger.exception("LMCache KV copy into the paged cache failed; vLLM recomputes")
-            for op in loading:
-                self._report_missing(op, 0)
-
-    def _plan_load(self, op: RequestOp, jobs: list[ChunkJob]) -> int:
-        """Acquire the request's chunks and queue their copies; returns the end of the
-        contiguous prefix that will be loaded."""
-        load = op.load
-        assert load is not None
-        shared = self.shared
-        assert shared is not None
-        chunks = chunks_to_load(shared.engine, op.token_ids[: load.hit], load.start)
-        buffers = shared.pins.take(op.req_id)
-        buffers += shared.engine.storage.acquire(chunks[len(buffers) :])
-        self._inflight.extend(buffers)
-        slots = op.slots(self.block_size, load.end)
-        loaded = load.start
-        for chunk, buffer in zip(chunks, buffers, strict=False):
-            lo, hi = max(chunk.start, load.start), min(chunk.end, load.end)
-            if lo >= hi:
-                break
-            jobs.append(ChunkJob(buffer.kv(), lo - chunk.start, hi - chunk.start, slots[lo:hi]))
-            loaded = hi
-        metrics = shared.engine.metrics
-        metrics.labels(metrics.retrieved_tokens).inc(loaded - load.start)
+            logger.exception("LMCache KV copy into the paged cache failed")
+            self.engine.storage.release_all(buffers)
+            for load in meta.loads:
+                self._fail(load, "the copy into the paged cache failed")
+            return
+        self._loads.append(_Load(buffers, done))
+        metrics = self.engine.metrics
+        metrics.labels(metrics.retrieved_tokens).inc(sum(ld.end - ld.start for ld in meta.loads))
         metrics.labels(metrics.retrieved_bytes).inc(sum(b.nbytes for b in buffers))
-        return loaded
 
-    def _report_missing(self, op: RequestOp, loaded: int) -> None:
-        load = op.load
-        assert load is not None
-        if loaded < load.end:
-            start = max(loaded, load.start)
-            self._load_errors |= op.blocks_from(self.block_size, start, load.end)
-            logger.warning(
-                "LMCache could load tokens [%d, %d) of request %s, not [%d, %d); "
-                "vLLM recomputes the rest",
-                load.start,
-                start,
-                op.req_id,
-                load.start,
-                load.end,
-            )
+    def _plan_load(self, load: LoadSpec, jobs: list[ChunkJob]) -> list[ChunkBuffer] | None:
+        """Take the request's pinned chunks and queue their copies."""
+        keys = [self.engine.scheme.key(c.key) for c in load.chunks]
+        buffers = self.pins.take(load.req_id, keys)
+        if buffers is None:
+            return None
+        for chunk, buffer in zip(load.chunks, buffers, strict=True):
+            lo, hi = max(chunk.start, load.start), min(chunk.end, load.end)
+            if lo >= hi:  # pinned before vLLM's own prefix cache grew over it
+                continue
+            slots = load.blocks.slots(self.block_size, lo, hi)
+            jobs.append(ChunkJob(buffer.kv(), lo - chunk.start, hi - chunk.start, slots))
+        return buffers
+
+    def _fail(self, load: LoadSpec, why: str) -> None:
+        """Report a load's blocks to vLLM (which recomputes them, or fails the request under
+        ``kv_load_failure_policy: fail``) and keep the request from storing in this step."""
+        self._failed.add(load.req_id)
+        self._load_errors |= load.blocks.blocks_from(self.block_size, load.start, load.end)
+        logger.warning(
+            "LMCache could not load tokens [%d, %d) of request %s on rank %d: %s",
+            load.start,
+            load.end,
+            load.req_id,
+            self.rank,
+            why,
+        )
+
+    def _fence(self, preempted: list[str]) -> None:
+        """vLLM frees a preempted request's blocks at once: this step's forward (and loads)
+        must not overwrite them before the stores reading them have landed."""
+        if not preempted:
+            return
+        wanted = set(preempted)
+        with self._lock:
+            events = [s.done for s in self._stores if s.req_id in wanted]
+        for event in events:
+            self._transfer().fence(event)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self.layerwise and self.transfer is not None:
             layer = self._layers.get(layer_name)
             if layer is not None:
                 self.transfer.wait_layer(layer)
-
-    def _finish_load(self) -> None:
-        """Wait for the load copies, then unpin their source chunks."""
-        if self.transfer is not None:
-            self.transfer.finish_load()
-        inflight, self._inflight = self._inflight, []
-        for buffer in inflight:
-            self.engine.storage.release(buffer)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -168,50 +227,83 @@ class WorkerConnector:
     # -- store -------------------------------------------------------------------------
 
     def wait_for_save(self, meta: LMCacheConnectorMetadata) -> None:
-        """Finish this step's loads, then store the new chunks its forward pass computed:
-        reserve slots for every request's new chunks, copy them all (one wait), publish."""
-        self._finish_load()
-        stores = [op for op in meta.requests if op.store_end is not None]
-        if not stores:
-            return
-        engine = self.engine
-        planned: list[tuple[RequestOp, Reserved]] = []
+        """Queue this step's stores: slots for every request's new chunks, one batch of
+        copies, no wait. Chunks are published when their copies have landed (:meth:`poll`)."""
+        failed, self._failed = self._failed, set()
+        planned: list[tuple[StoreSpec, Reserved]] = []
         jobs: list[ChunkJob] = []
-        keys: set[str] = set()
-        for op in stores:
-            try:
-                reserved = self._plan_store(op, jobs, keys)
-            except Exception:
-                logger.exception("LMCache store of request %s failed; not cached", op.req_id)
+        for spec in meta.stores:
+            self._storing.setdefault(spec.req_id, 0)
+            if spec.req_id in failed:
+                logger.warning(
+                    "LMCache: request %s stores nothing this step (its load failed)", spec.req_id
+                )
                 continue
-            planned.append((op, reserved))
+            try:
+                reserved = self._plan_store(spec, jobs)
+            except Exception:
+                logger.exception("LMCache store of request %s failed; not cached", spec.req_id)
+                continue
+            planned.append((spec, reserved))
+        if not planned:
+            return
         try:
-            self._transfer().store(jobs)
+            done = self._transfer().store(jobs)
         except Exception:
             logger.exception("LMCache KV copy out of the paged cache failed; not cached")
             for _, reserved in planned:
-                engine.abort_chunks(reserved)
+                self.engine.abort_chunks(reserved)
             return
-        for op, reserved in planned:
-            assert op.store_end is not None
-            request_id = op.req_id if self.rank == 0 else None
-            try:
-                engine.commit_chunks(reserved, request_id, total_tokens=op.store_end)
-            except Exception:
-                logger.exception("LMCache store of request %s failed; not cached", op.req_id)
+        with self._lock:
+            for spec, reserved in planned:
+                self._stores.append(_Store(spec.req_id, reserved, spec.total_tokens, done))
+                self._storing[spec.req_id] += 1
+        for spec, reserved in planned:
+            if self.rank == 0:
+                log_store(spec.req_id, sum(c.num_tokens for c, _ in reserved), spec.total_tokens)
+        self.poll()
 
-    def _plan_store(self, op: RequestOp, jobs: list[ChunkJob], keys: set[str]) -> Reserved:
-        """Reserve slots for the request's new chunks and queue their copies. A chunk another
-        request of this step already reserved (``keys``; same prompt prefix) is left to it."""
-        assert op.store_end is not None
-        slots = op.slots(self.block_size, op.store_end)
-        tokens = op.token_ids[: op.store_end]
-        reserved = self.engine.reserve_chunks(tokens, skip_tokens=op.store_skip)
-        self.engine.abort_chunks([(c, b) for c, b in reserved if c.key in keys])
-        reserved = [(c, b) for c, b in reserved if c.key not in keys]
-        keys.update(c.key for c, _ in reserved)
-        jobs += store_jobs(reserved, slots)
+    def _plan_store(self, spec: StoreSpec, jobs: list[ChunkJob]) -> Reserved:
+        """Reserve slots for the request's chunks this rank does not hold and queue their
+        copies (a chunk another request of the step reserved is left to it)."""
+        reserved = self.engine.storage.reserve(self.engine.scheme.keys(spec.chunks))
+        if reserved:
+            start = reserved[0][0].start
+            end = reserved[-1][0].end
+            slots = spec.blocks.slots(self.block_size, start, end)
+            jobs += store_jobs(reserved, slots, first_token=start)
         return reserved
+
+    def poll(self) -> None:
+        """Publish stores whose bytes have landed (in issue order) and unpin the sources of
+        finished loads; never waits."""
+        with self._lock:
+            landed: list[_Store] = []
+            while self._stores and _landed(self._stores[0].done):
+                landed.append(self._stores.popleft())
+            loads = [ld for ld in self._loads if _landed(ld.done)]
+            self._loads = [ld for ld in self._loads if not _landed(ld.done)]
+        for store in landed:
+            try:
+                self.engine.commit_chunks(store.reserved)
+            except Exception:
+                logger.exception("LMCache: publishing stores of %s failed", store.req_id)
+            with self._lock:
+                self._storing[store.req_id] -= 1
+        for load in loads:
+            self.engine.storage.release_all(load.buffers)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
+        """Requests vLLM may now free: finished ones with stores, once those have landed
+        (the scheduler kept their blocks for exactly these)."""
+        self.poll()
+        with self._lock:
+            self._finishing |= finished_req_ids & self._storing.keys()
+            done = {r for r in self._finishing if self._storing[r] == 0}
+            self._finishing -= done
+            for req_id in done:
+                del self._storing[req_id]
+        return done or None, None
 
     def _transfer(self) -> PagedTransfer:
         if self.transfer is None:
@@ -219,11 +311,19 @@ class WorkerConnector:
         return self.transfer
 
     def close(self) -> None:
+        """Stop answering, let queued copies land, then free the engine."""
         if self._server is not None:
             self._server.close()
             self._server = None
-        if self.shared is not None:
-            self._finish_load()
-            withdraw(self.instance_id, self.rank)
-            self.shared.engine.close()
-            self.shared = None
+        if self._engine is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.poll()
+        if self._pins is not None:
+            self._pins.close()
+        self._engine.close()
+        self._engine = None
+
+
+__all__ = ["WorkerConnector"]
