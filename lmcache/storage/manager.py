@@ -262,6 +262,15 @@ class StorageManager:
 
     # -- lookup and load -----------------------------------------------------------------
 
+    def touch(self, keys: Sequence[str]) -> None:
+        """Mark a prefix's cached chunks used, tail first: its head becomes the most recently
+        used (as vLLM frees a request's blocks tail first), so it is evicted last."""
+        with self._lock:
+            for key in reversed(keys):
+                buffer = self.cpu.get(key)
+                if buffer is not None:
+                    self.cpu.touch(buffer)
+
     def cpu_prefix(self, keys: Sequence[str]) -> int:
         with self._lock:
             for i, key in enumerate(keys):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -116,8 +117,14 @@ def make_vllm_config(
     executor_backend: str | None = None,
     async_scheduling: bool = False,
     policy: Literal["fail", "recompute"] = "fail",
+    tensor_parallel_size: int = 1,
+    engine_id: str | None = None,
 ) -> VllmConfig:
     model = ModelConfig(model=str(model_dir), dtype="float16", seed=0, skip_tokenizer_init=True)
+    parallel = ParallelConfig(
+        distributed_executor_backend="mp" if tensor_parallel_size > 1 else executor_backend,
+        tensor_parallel_size=tensor_parallel_size,
+    )
     return VllmConfig(
         model_config=model,
         scheduler_config=SchedulerConfig(
@@ -134,6 +141,7 @@ def make_vllm_config(
             kv_connector_module_path=module_path,
             kv_role=kv_role,
             kv_load_failure_policy=policy,
+            **({"engine_id": engine_id} if engine_id else {}),
             kv_connector_extra_config={
                 "lmcache.chunk_size": CHUNK,
                 "lmcache.max_local_cpu_size": 0.01,
@@ -141,7 +149,7 @@ def make_vllm_config(
             },
         ),
         device_config=DeviceConfig("cpu"),
-        parallel_config=ParallelConfig(distributed_executor_backend=executor_backend),
+        parallel_config=parallel,
     )
 
 
@@ -163,7 +171,14 @@ MOD = 4093
 """KV values are ``pattern + v * 1024`` with ``v < MOD``: exact in float32."""
 
 
-def oracle(tokens: list[int], layers: int = LAYERS) -> torch.Tensor:
+def layer_values(
+    ids: torch.Tensor, positions: torch.Tensor, layer: int, context: torch.Tensor, rank: int
+) -> torch.Tensor:
+    """``v`` of one layer's KV; each TP rank holds another shard, so another value."""
+    return (ids * 31 + positions * 7 + layer * 13 + rank * 17 + context) % MOD
+
+
+def oracle(tokens: list[int], layers: int = LAYERS, rank: int = 0) -> torch.Tensor:
     """``v[layer, position]`` of the true KV of ``tokens``: what a forward pass over the
     whole sequence with no cache computes."""
     ids = torch.tensor(tokens, dtype=torch.long)
@@ -171,7 +186,7 @@ def oracle(tokens: list[int], layers: int = LAYERS) -> torch.Tensor:
     values = torch.empty(layers, len(tokens), dtype=torch.long)
     context = torch.zeros(len(tokens), dtype=torch.long)
     for layer in range(layers):
-        values[layer] = (ids * 31 + positions * 7 + layer * 13 + context) % MOD
+        values[layer] = layer_values(ids, positions, layer, context, rank)
         context = torch.cumsum(values[layer], 0) - values[layer]  # sum over earlier positions
     return values
 
@@ -208,6 +223,47 @@ class SlotIO:
             paged[blocks, :, offsets] = kv
         else:
             paged[blocks, offsets] = kv
+
+    def first_values(self, paged: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``v`` of each slot (its first element is ``v * 1024``)."""
+        kv = self.get(paged, slots).flatten(1)[:, 0]
+        return (kv.double() / 1024).round().long().cpu()
+
+    def compute(
+        self,
+        layers: list[torch.Tensor],
+        tokens: list[int],
+        slots: torch.Tensor,
+        start: int,
+        rank: int = 0,
+    ) -> None:
+        """The forward pass over ``tokens[start:]`` (token ``i`` at ``slots[i]``): each layer
+        reads the KV of every earlier position one layer down *from the paged cache*
+        (loaded or computed)."""
+        end = len(tokens)
+        if end <= start:
+            return
+        ids = torch.tensor(tokens[start:], dtype=torch.long)
+        positions = torch.arange(start, end, dtype=torch.long)
+        context = torch.zeros(end - start, dtype=torch.long)
+        for layer, paged in enumerate(layers):
+            values = layer_values(ids, positions, layer, context, rank)
+            self.set(paged, slots[start:], kv_of(values, self.get(paged, slots[:1])))
+            below = self.first_values(paged, slots)
+            context = (torch.cumsum(below, 0) - below)[start:]
+
+    def wrong(
+        self, layers: list[torch.Tensor], tokens: list[int], slots: torch.Tensor, rank: int = 0
+    ) -> str | None:
+        """Where the KV at ``slots`` differs from a forward pass over ``tokens`` (None: it is
+        exact everywhere)."""
+        truth = oracle(tokens, rank=rank)
+        for layer, paged in enumerate(layers):
+            got = self.get(paged, slots)
+            bad = (got != kv_of(truth[layer], got)).flatten(1).any(1).nonzero()
+            if bad.numel():
+                return f"layer {layer} wrong at positions {bad.flatten().tolist()[:20]}"
+        return None
 
 
 @contextmanager
@@ -352,13 +408,13 @@ class Rig:
         self.update(output, self.execute(output))
         return output
 
-    def run(self, max_steps: int = 80) -> None:
-        """Step until every request is finished and its blocks are freed."""
-        for _ in range(max_steps):
-            if not self.scheduler.has_requests():
-                return
+    def run(self, timeout_s: float = 60.0) -> None:
+        """Step until every request is finished and its blocks are freed. Steps with nothing
+        to run are stepped too, as vLLM's engine loop does while the connector stages."""
+        deadline = time.monotonic() + timeout_s
+        while self.scheduler.has_requests():
+            assert time.monotonic() < deadline, f"requests unfinished after {timeout_s} s"
             self.step()
-        raise AssertionError(f"requests still unfinished after {max_steps} steps")
 
     def slots(self, req_id: str, start: int, end: int) -> torch.Tensor:
         blocks = torch.tensor(self.blocks[req_id], dtype=torch.long)
@@ -370,35 +426,18 @@ class Rig:
         return list(request.all_token_ids) if request else self.prompts[req_id]
 
     def compute(self, req_id: str, start: int, end: int) -> None:
-        """The forward pass over tokens ``[start, end)``: each layer reads the KV of every
-        earlier position one layer down *from the paged cache* (loaded or computed)."""
-        if end <= start:
-            return
-        ids = torch.tensor(self.tokens(req_id)[start:end], dtype=torch.long)
-        positions = torch.arange(start, end, dtype=torch.long)
-        context = torch.zeros(end - start, dtype=torch.long)
-        slots = self.slots(req_id, 0, end)
-        for layer, paged in enumerate(self.layers.values()):
-            values = (ids * 31 + positions * 7 + layer * 13 + context) % MOD
-            self.io.set(paged, slots[start:], kv_of(values, self.io.get(paged, slots[:1])))
-            below = self.first_values(paged, slots)
-            context = (torch.cumsum(below, 0) - below)[start:]
-
-    def first_values(self, paged: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """``v`` of each slot (its first element is ``v * 1024``)."""
-        kv = self.io.get(paged, slots).flatten(1)[:, 0]
-        return (kv.double() / 1024).round().long().cpu()
+        """The forward pass over tokens ``[start, end)`` of a request."""
+        self.io.compute(
+            list(self.layers.values()), self.tokens(req_id)[:end], self.slots(req_id, 0, end), start
+        )
 
     def check(self, req_id: str, start: int, end: int) -> None:
         """Every token in ``[start, end)`` holds exactly the KV of a forward pass over the
         whole sequence."""
-        truth = oracle(self.tokens(req_id)[:end])
-        slots = self.slots(req_id, start, end)
-        for layer, paged in enumerate(self.layers.values()):
-            got = self.io.get(paged, slots)
-            expected = kv_of(truth[layer, start:end], got)
-            bad = (got != expected).flatten(1).any(1).nonzero()
-            assert not bad.numel(), f"{req_id}: layer {layer} wrong at {(bad + start).tolist()}"
+        wrong = self.io.wrong(
+            list(self.layers.values()), self.tokens(req_id)[:end], self.slots(req_id, 0, end)
+        )
+        assert wrong is None, f"{req_id}: {wrong}"
 
     def check_stored(self, tokens: list[int], context: KVContext = PLAIN) -> int:
         """Every chunk of ``tokens`` the engine holds in CPU is the true KV of its prefix;
@@ -431,6 +470,7 @@ class Rig:
         """Nothing pinned, nothing in flight: every pool slot is free or cached alone."""
         connector = self.connector
         connector.poll()
+        assert self.engine.flush(timeout=30), "write-backs to lower tiers still queued"
         storage = self.engine.storage
         assert len(connector.pins) == 0, "pins left behind"
         assert not connector._stores and not connector._loads, "transfers left in flight"
@@ -452,13 +492,8 @@ class Rig:
         self.scheduler.finish_requests(req_id, RequestStatus.FINISHED_ABORTED)
 
 
-def make_rig(
-    vllm_config: VllmConfig,
-    layout: PagedLayout = PagedLayout.BLOCK_FIRST,
-    num_blocks: int = 256,
-    device: str = "cpu",
-) -> Rig:
-    kv_cache_config = KVCacheConfig(
+def make_kv_cache_config(num_blocks: int) -> KVCacheConfig:
+    return KVCacheConfig(
         num_blocks=num_blocks,
         kv_cache_tensors=[],
         kv_cache_groups=[
@@ -470,6 +505,27 @@ def make_rig(
             )
         ],
     )
+
+
+def make_scheduler(vllm_config: VllmConfig, num_blocks: int) -> Scheduler:
+    async_scheduling = vllm_config.scheduler_config.async_scheduling
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
+    return (AsyncScheduler if async_scheduling else Scheduler)(
+        vllm_config=vllm_config,
+        kv_cache_config=make_kv_cache_config(num_blocks),
+        log_stats=True,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=BLOCK,
+    )
+
+
+def make_rig(
+    vllm_config: VllmConfig,
+    layout: PagedLayout = PagedLayout.BLOCK_FIRST,
+    num_blocks: int = 256,
+    device: str = "cpu",
+) -> Rig:
+    kv_cache_config = make_kv_cache_config(num_blocks)
     vllm_config.cache_config.num_gpu_blocks = num_blocks
     worker = KVConnectorFactory.create_connector(
         vllm_config, KVConnectorRole.WORKER, kv_cache_config
@@ -477,15 +533,7 @@ def make_rig(
     names = kv_cache_config.kv_cache_groups[0].layer_names
     layers = {name: make_paged(layout, num_blocks, device) for name in names}
     worker.register_kv_caches(layers)
-    async_scheduling = vllm_config.scheduler_config.async_scheduling
-    scheduler = (AsyncScheduler if async_scheduling else Scheduler)(
-        vllm_config=vllm_config,
-        kv_cache_config=kv_cache_config,
-        log_stats=True,
-        structured_output_manager=StructuredOutputManager(vllm_config),
-        block_size=BLOCK,
-    )
-    return Rig(scheduler, worker, layers, layout)
+    return Rig(make_scheduler(vllm_config, num_blocks), worker, layers, layout)
 
 
 RigFactory = Callable[..., Rig]

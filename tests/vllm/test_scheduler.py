@@ -188,7 +188,7 @@ def test_preempted_request_resumes_from_the_cache(
     rig: Rig = rig_factory(num_blocks=13, max_num_batched_tokens=256)  # 12 usable blocks
     rig.add("r1", prompt(80, seed=1), max_tokens=40)
     rig.add("r2", prompt(80, seed=2), max_tokens=40)
-    rig.run(max_steps=200)
+    rig.run()
     assert rig.resumed, "no request was preempted"
     victim = rig.resumed[0]
     lookups = [m for m in lmcache_log if m.startswith(f"Reqid: {victim},")]

@@ -51,12 +51,11 @@ class PinTable:
         buffers = storage.pin_cpu_prefix([c.key for c in chunks])
         record = _Pinned([c.key for c in chunks[: len(buffers)]], buffers)
         rest = chunks[len(buffers) :]
-        if rest and storage.lower:
-            found, _ = storage.lookup([c.key for c in rest])
+        found = storage.lookup([c.key for c in rest])[0] if rest and storage.lower else 0
+        with self._lock:  # in the table before its staging job can look for it there
+            self._pinned[req_id] = record
             if found:
                 record.staging = self._stager.submit(self._stage, req_id, record, rest[:found])
-        with self._lock:
-            self._pinned[req_id] = record
         m = self._engine.metrics
         m.labels(m.lookups).inc()
         if chunks:

@@ -83,6 +83,8 @@ class WorkerConnector:
         self._loads: list[_Load] = []
         self._storing: dict[str, int] = {}
         """Requests that had stores shipped to them -> their stores not landed yet."""
+        self._stored_keys: dict[str, list[str]] = {}
+        """Keys of each live request's chunks, in prompt order: touched when it finishes."""
         self._finishing: set[str] = set()
         self._failed: set[str] = set()
         self._load_errors: set[int] = set()
@@ -234,6 +236,8 @@ class WorkerConnector:
         jobs: list[ChunkJob] = []
         for spec in meta.stores:
             self._storing.setdefault(spec.req_id, 0)
+            keys = self._stored_keys.setdefault(spec.req_id, [])
+            keys += (self.engine.scheme.key(c.key) for c in spec.chunks)
             if spec.req_id in failed:
                 logger.warning(
                     "LMCache: request %s stores nothing this step (its load failed)", spec.req_id
@@ -303,6 +307,8 @@ class WorkerConnector:
             self._finishing -= done
             for req_id in done:
                 del self._storing[req_id]
+        for req_id in done:
+            self.engine.storage.touch(self._stored_keys.pop(req_id, []))
         return done or None, None
 
     def _transfer(self) -> PagedTransfer:
