@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -73,15 +74,30 @@ class StorageManager:
         self.metrics = metrics
         # Tiers first: their config errors (bad URL, refused credentials) must surface before
         # the pool pins gigabytes.
+        started = time.perf_counter()
         self.lower = (
             list(lower) if lower is not None else build_lower_tiers(config, spec, metrics, shard)
         )
+        tiers_s = time.perf_counter() - started
         try:
             self.pool = MemoryPool(config, spec)
         except BaseException:
             for tier in self.lower:
                 tier.close()
             raise
+        pool_s = time.perf_counter() - started - tiers_s
+        # vLLM's own log says nothing about our start-up; pinning gigabytes takes seconds.
+        logger.info(
+            "LMCache start-up: lower tiers [%s] ready in %.2f s; %.2f GiB pool of %d slots "
+            "(%s%s) in %.2f s",
+            ", ".join(t.name for t in self.lower),
+            tiers_s,
+            self.pool.capacity / (1 << 30),
+            self.pool.num_slots,
+            "hugepages" if self.pool.hugepages else "regular pages",
+            ", pinned" if self.pool.pinned else "",
+            pool_s,
+        )
         self.cpu = CpuCache()
         self._pending: set[str] = set()
         """Keys reserved by a store whose bytes are still on their way (not yet committed)."""
