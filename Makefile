@@ -20,6 +20,20 @@ $(STAMP): pyproject.toml operator/pyproject.toml
 
 venv: $(STAMP) ## create .venv with the engine, the operator, vLLM and the dev tools
 
+VENV_LATEST := .venv-vllm-latest
+STAMP_LATEST := $(VENV_LATEST)/.installed
+
+$(STAMP_LATEST): pyproject.toml
+	$(PYTHON) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(VENV_LATEST)/bin/python -m pip install -q -e '.[dev,vllm-latest]'
+	touch $@
+
+venv-vllm-latest: $(STAMP_LATEST) ## a second venv with the newest vLLM (the vllm-latest extra)
+
+unit-vllm-latest: $(STAMP_LATEST) ## the vLLM connector tests against the newest vLLM (CPU)
+	$(VENV_LATEST)/bin/python -m pytest -q -p no:cacheprovider tests/vllm
+
 lint: $(STAMP) ## ruff + mypy
 	$(VENV)/bin/ruff check lmcache operator tests e2e benchmarks
 	$(VENV)/bin/ruff format --check lmcache operator tests e2e benchmarks
@@ -28,7 +42,7 @@ lint: $(STAMP) ## ruff + mypy
 unit: $(STAMP) ## fast unit tests (no cluster)
 	$(PY) -m pytest -q tests
 
-test: lint unit e2e ## everything CI runs: lint, unit tests, end-to-end tests
+test: lint unit unit-vllm-latest e2e ## everything CI runs: lint, unit tests (two vLLMs), end-to-end tests
 
 demo: $(STAMP) ## engine demo: a long context stored once, then queried cold vs warm
 	$(PY) examples/engine_demo.py
@@ -42,7 +56,7 @@ bench-vllm-transfer: $(STAMP) ## GPU: vLLM paged cache <-> pinned pool vs raw PC
 bench-serve: $(STAMP) ## GPU: the seed's cold/warm TTFT with a real vllm serve (writes .bench/vllm_serve.json)
 	$(PY) benchmarks/bench_vllm_serve.py --out .bench/vllm_serve.json --log .bench/vllm_serve.log
 
-.PHONY: help venv lint unit test demo bench bench-vllm-transfer bench-serve
+.PHONY: help venv venv-vllm-latest lint unit unit-vllm-latest test demo bench bench-vllm-transfer bench-serve
 
 -include e2e/e2e.mk
 -include operator/operator.mk

@@ -8,9 +8,14 @@ in shuffled blocks, as after a while of serving. Measured in the same run:
   (each direction), i.e. what the link gives a single large DMA (about 55 GB/s on an H200);
 * store: the connector's path for a prompt not cached yet (reserve pool slots, gather by slot
   id on a side stream, one gather per layer per batch of chunks into device staging, one
-  non-blocking DMA per chunk into its pinned slot, one wait, publish);
+  non-blocking DMA per chunk into its pinned slot; timed until the store's event completes,
+  then published);
 * load: the connector's path back (one DMA per pinned chunk into device staging, one scatter
-  per layer per batch), after wiping the paged cache.
+  per layer per batch), after wiping the paged cache; whole-request and layer by layer;
+* both again with other staging sizes, to show where the default sits.
+
+The raw copies use the pool's own memory (one ``cudaHostRegister``ed allocation), so both
+sides of each ratio move the same bytes between the same kinds of memory.
 
 Ratios are transfer / raw (1.0 = at the limit). On a machine without CUDA it runs on CPU
 tensors (a smoke test; figures then compare against a CPU memcpy).
@@ -50,11 +55,10 @@ def timed(fn: Callable[[], object], repeat: int, sync: Callable[[], None]) -> fl
 
 
 def raw_copy(
-    nbytes: int, device: torch.device, repeat: int, sync: Callable[[], None]
+    host: torch.Tensor, device: torch.device, repeat: int, sync: Callable[[], None]
 ) -> tuple[float, float]:
-    """Seconds for one pinned host <-> device copy of ``nbytes`` (h2d, d2h): the limit."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    """Seconds for one copy of ``host`` (pinned) to and from the device (h2d, d2h)."""
+    dev = torch.empty(host.numel(), dtype=torch.uint8, device=device)
     h2d = timed(lambda: dev.copy_(host, non_blocking=True), repeat, sync)
     d2h = timed(lambda: host.copy_(dev, non_blocking=True), repeat, sync)
     return h2d, d2h
@@ -75,57 +79,69 @@ def paged_cache(num_tokens: int, device: torch.device) -> tuple[PagedKVCache, to
     return PagedKVCache(layers), slots
 
 
-def run(num_tokens: int, chunk_size: int, repeat: int) -> dict[str, object]:
+def settle(event: torch.cuda.Event | None) -> None:
+    if event is not None:
+        event.synchronize()
+
+
+def run(num_tokens: int, chunk_size: int, repeat: int, staging_mib: list[int]) -> dict[str, object]:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     nbytes = num_tokens * LLAMA_8B.bytes_per_token
 
-    raw_h2d, raw_d2h = raw_copy(nbytes, device, repeat, sync)
     cache, slots = paged_cache(num_tokens, device)
-    transfer = PagedTransfer(cache)
     pool_bytes = 2 * nbytes + chunk_size * LLAMA_8B.bytes_per_token
     config = LMCacheEngineConfig.from_mapping(
         {"chunk_size": chunk_size, "max_local_cpu_size": pool_bytes / GIB}
     )
     prompts = iter(range(1_000_000))
     tokens: list[int] = []
-
-    with LMCacheEngine(config, cache.spec, model_name="llama-3.1-8b") as engine:
-
-        def store_new_prompt() -> None:
-            offset = next(prompts) * num_tokens
-            tokens[:] = range(offset, offset + num_tokens)
-            reserved = engine.reserve_chunks(tokens)
-            transfer.store(store_jobs(reserved, slots))
-            assert engine.commit_chunks(reserved) == num_tokens
-
-        def load_prompt() -> None:
-            with engine.retrieve_chunks(tokens) as views:
-                jobs = [ChunkJob(kv, 0, c.num_tokens, slots[c.start : c.end]) for c, kv in views]
-                assert sum(j.hi - j.lo for j in jobs) == num_tokens
-                transfer.start_load(jobs, layerwise=False)
-                transfer.finish_load()
-
-        store = timed(store_new_prompt, repeat, sync)
-        for layer in cache.layers:
-            layer.zero_()
-        load = timed(load_prompt, repeat, sync)
-
-    return {
+    result: dict[str, object] = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "tokens": num_tokens,
         "chunk_size": chunk_size,
         "bytes": nbytes,
-        "raw_h2d_gbps": nbytes / raw_h2d / 1e9,
-        "raw_d2h_gbps": nbytes / raw_d2h / 1e9,
-        "store_s": store,
-        "store_gbps": nbytes / store / 1e9,
-        "store_vs_raw_d2h": raw_d2h / store,
-        "load_s": load,
-        "load_gbps": nbytes / load / 1e9,
-        "load_vs_raw_h2d": raw_h2d / load,
     }
+
+    with LMCacheEngine(config, cache.spec, model_name="llama-3.1-8b") as engine:
+        host = engine.storage.pool._buffer[:nbytes]  # the pool's own (registered) memory
+        raw_h2d, raw_d2h = raw_copy(host, device, repeat, sync)
+        result |= {"raw_h2d_gbps": nbytes / raw_h2d / 1e9, "raw_d2h_gbps": nbytes / raw_d2h / 1e9}
+
+        def measure(transfer: PagedTransfer, tag: str) -> None:
+            def store_new_prompt() -> None:
+                offset = next(prompts) * num_tokens
+                tokens[:] = range(offset, offset + num_tokens)
+                reserved = engine.reserve_chunks(tokens)
+                settle(transfer.store(store_jobs(reserved, slots)))
+                assert engine.commit_chunks(reserved) == num_tokens
+
+            def load_prompt(layerwise: bool) -> None:
+                with engine.retrieve_chunks(tokens) as views:
+                    jobs = [
+                        ChunkJob(kv, 0, c.num_tokens, slots[c.start : c.end]) for c, kv in views
+                    ]
+                    assert sum(j.hi - j.lo for j in jobs) == num_tokens
+                    settle(transfer.start_load(jobs, layerwise))
+                    sync()
+
+            store = timed(store_new_prompt, repeat, sync)
+            for layer in cache.layers:
+                layer.zero_()
+            load = timed(lambda: load_prompt(False), repeat, sync)
+            layerwise = timed(lambda: load_prompt(True), repeat, sync)
+            result[f"{tag}store_gbps"] = nbytes / store / 1e9
+            result[f"{tag}store_vs_raw_d2h"] = raw_d2h / store
+            result[f"{tag}load_gbps"] = nbytes / load / 1e9
+            result[f"{tag}load_vs_raw_h2d"] = raw_h2d / load
+            result[f"{tag}layerwise_load_vs_raw_h2d"] = raw_h2d / layerwise
+
+        measure(PagedTransfer(cache), "")
+        if cuda:
+            for mib in staging_mib:
+                measure(PagedTransfer(cache, mib << 20), f"staging{mib}MiB_")
+    return result
 
 
 def main() -> None:
@@ -133,9 +149,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--staging-mib", type=int, nargs="*", default=[64, 256, 512])
     parser.add_argument("--out", type=Path, default=Path(".bench/vllm_transfer.json"))
     args = parser.parse_args()
-    result = run(args.tokens, args.chunk_size, args.repeat)
+    result = run(args.tokens, args.chunk_size, args.repeat, args.staging_mib)
     for key, value in result.items():
         print(f"{key:>18}: {value:.3f}" if isinstance(value, float) else f"{key:>18}: {value}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -371,6 +371,9 @@ class Rig:
         starts = {new.req_id: new.num_computed_tokens for new in output.scheduled_new_reqs}
         cached = output.scheduled_cached_reqs
         starts.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+        assert output.kv_connector_metadata is not None
+        # As vLLM's model runner does before it zeroes and reuses freed blocks.
+        self.worker.handle_preemptions(output.kv_connector_metadata)
         with (
             worker_agent(self.worker),
             set_forward_context(None, self.scheduler.vllm_config),

@@ -398,3 +398,17 @@ def test_each_step_ships_only_its_new_chunks(
         for spec in meta.stores:
             assert len(spec.blocks.block_ids) <= -(-len(spec.chunks) * CHUNK // BLOCK) + 1
     rig.no_leaks()
+
+
+def test_preemptions_reach_the_worker_through_vllms_own_wrapper(
+    rig_factory: RigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's runner calls handle_preemptions before it zeroes freed blocks; its LMCache
+    wrapper does not forward it, so the connector gives the wrapper instance that forward."""
+    rig: Rig = rig_factory()
+    seen: list[list[str]] = []
+    monkeypatch.setattr(
+        rig.connector, "handle_preemptions", lambda meta: seen.append(list(meta.preempted))
+    )
+    rig.worker.handle_preemptions(LMCacheConnectorMetadata(preempted=["r9"]))
+    assert seen == [["r9"]]

@@ -108,6 +108,7 @@ class _Rank:
         starts = {new.req_id: new.num_computed_tokens for new in output.scheduled_new_reqs}
         starts.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
         kv_transfer_state._KV_CONNECTOR_AGENT = self.connector
+        self.connector.handle_preemptions(output.kv_connector_metadata)
         with (
             set_forward_context(None, self.vllm_config),
             KVConnectorModelRunnerMixin.maybe_get_kv_connector_output(output) as kv_output,

@@ -11,7 +11,11 @@ import atexit
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
 
 from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata
 from lmcache.integration.vllm.scheduler import SchedulerConnector
@@ -19,7 +23,6 @@ from lmcache.integration.vllm.worker import WorkerConnector
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
@@ -36,6 +39,7 @@ class LMCacheConnectorV1Impl:
             self._scheduler = SchedulerConnector(vllm_config)
         else:
             self._worker = WorkerConnector(vllm_config)
+            _forward_preemptions(parent, self)
         atexit.register(self.shutdown)
 
     @property
@@ -77,6 +81,14 @@ class LMCacheConnectorV1Impl:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.worker.register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, metadata: KVConnectorMetadata) -> None:
+        """vLLM >= 0.33 hands the step's metadata here first (its wrapper keeps a copy)."""
+        self.worker.poll()
+
+    def handle_preemptions(self, metadata: KVConnectorMetadata) -> None:
+        if isinstance(metadata, LMCacheConnectorMetadata):
+            self.worker.handle_preemptions(metadata)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         self.worker.start_load(self._metadata())
 
@@ -108,3 +120,12 @@ class LMCacheConnectorV1Impl:
             self._worker.close()
         if self._scheduler is not None:
             self._scheduler.close()
+
+
+def _forward_preemptions(parent: KVConnectorBase_V1, impl: LMCacheConnectorV1Impl) -> None:
+    """vLLM's model runner calls ``handle_preemptions`` on the connector before it zeroes and
+    reuses a preempted request's blocks, but its built-in LMCache wrapper (0.25 to 0.33) does
+    not forward it, and asynchronous stores need it. Give the wrapper instance the forward it
+    lacks (a wrapper that forwards it itself is left alone)."""
+    if type(parent).handle_preemptions is KVConnectorBase_V1.handle_preemptions:
+        parent.handle_preemptions = impl.handle_preemptions  # type: ignore[method-assign]

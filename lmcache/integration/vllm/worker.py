@@ -2,11 +2,12 @@
 
 The scheduler decides; a rank moves bytes and answers for what it holds. Each step:
 
+- ``handle_preemptions`` (before vLLM zeroes and reuses freed blocks): the compute stream is
+  fenced behind stores still reading a preempted request's blocks.
 - ``start_load``: stores that have landed are published, loads that have finished unpin
-  their chunks; the compute stream is fenced behind stores still reading a preempted
-  request's blocks; then the step's loads are issued from the chunks the rank pinned at
-  lookup (on a side stream; the compute stream waits on the GPU, per layer with
-  ``use_layerwise``). A load whose chunks are not pinned here has its blocks reported to vLLM.
+  their chunks; then the step's loads are issued from the chunks the rank pinned at lookup
+  (on a side stream; the compute stream waits on the GPU, per layer with ``use_layerwise``).
+  A load whose chunks are not pinned here has its blocks reported to vLLM.
 - ``wait_for_save``: slots are reserved for the new chunks of every request and the
   gathers and device-to-host copies are queued on side streams; nothing waits. A request
   whose load failed in this step stores nothing: its new KV was computed over missing context.
@@ -153,7 +154,6 @@ class WorkerConnector:
 
     def start_load(self, meta: LMCacheConnectorMetadata) -> None:
         self.poll()
-        self._fence(meta.preempted)
         jobs: list[ChunkJob] = []
         buffers: list[ChunkBuffer] = []
         for load in meta.loads:
@@ -205,12 +205,13 @@ class WorkerConnector:
             why,
         )
 
-    def _fence(self, preempted: list[str]) -> None:
-        """vLLM frees a preempted request's blocks at once: this step's forward (and loads)
-        must not overwrite them before the stores reading them have landed."""
-        if not preempted:
+    def handle_preemptions(self, meta: LMCacheConnectorMetadata) -> None:
+        """vLLM frees a preempted request's blocks at once and, before this step's forward,
+        zeroes and reuses them: the compute stream first waits (on the GPU) for the stores
+        still reading them. vLLM's model runner calls this before it touches the blocks."""
+        if not meta.preempted:
             return
-        wanted = set(preempted)
+        wanted = set(meta.preempted)
         with self._lock:
             events = [s.done for s in self._stores if s.req_id in wanted]
         for event in events:
