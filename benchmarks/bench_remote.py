@@ -103,7 +103,7 @@ def tier_ops(
     the last get returned the bytes put."""
     pool = MemoryPool(config, LLAMA_8B)
     stack.callback(pool.close)
-    backend = create_remote_backend(config, LLAMA_8B, EngineMetrics({"model": "bench"}))
+    backend = create_remote_backend(config, LLAMA_8B, EngineMetrics("bench"))
     stack.callback(backend.close)
     headers = [serde.decode_header(v) for v in values]
     keys = [h.key for h in headers]

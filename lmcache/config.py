@@ -354,7 +354,8 @@ KEYS: tuple[KeySpec, ...] = (
         "metrics_port",
         Kind.INTEGER,
         None,
-        "serve Prometheus metrics on this port + the TP rank (unset = no HTTP endpoint)",
+        "serve Prometheus metrics on this port from TP rank 0, every rank's when the ranks "
+        "share PROMETHEUS_MULTIPROC_DIR (unset = no HTTP endpoint)",
         minimum=1,
         maximum=65535,
         nullable=True,

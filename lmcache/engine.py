@@ -57,15 +57,16 @@ class LMCacheEngine:
             model_name, world_size, rank, kv_dtype or spec.dtype_name, config.chunk_size
         )
         # The label is the model's name alone: the identity's hashes would split dashboards.
-        self.metrics = EngineMetrics({"model": model_name.partition("@")[0], "rank": str(rank)})
+        self.metrics = EngineMetrics(model_name.partition("@")[0], rank)
         self.storage = StorageManager(
             config, spec, self.metrics, self.scheme.shard_name, lower_tiers
         )
         self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lmcache-prefetch")
         self._closed = False
-        if config.metrics_port:
-            # One engine per TP rank, each in its own process: rank r serves port + r.
-            self.metrics.serve(config.metrics_port + rank)
+        if config.metrics_port and rank == 0:
+            # One scrape per instance: rank 0 serves every rank's metrics when they share a
+            # PROMETHEUS_MULTIPROC_DIR (the operator sets one), else its own.
+            self.metrics.serve(config.metrics_port)
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -158,10 +159,7 @@ class LMCacheEngine:
         self._check_open()
         found, in_cpu = self.storage.lookup([c.key for c in chunks])
         hit = chunks[found - 1].end if found else 0
-        m = self.metrics
-        m.labels(m.lookups).inc()
-        m.labels(m.lookup_tokens).inc(total_tokens)
-        m.labels(m.hit_tokens).inc(hit)
+        self.metrics.lookup(total_tokens, hit)
         if request_id is not None:
             log_lookup(request_id, total_tokens, hit, hit)
         if self.config.prefetch and found > in_cpu:
@@ -183,9 +181,8 @@ class LMCacheEngine:
         try:
             views = [(c, b.kv()) for c, b in zip(chunks, buffers, strict=False)]
             nbytes = sum(b.nbytes for b in buffers)
-            m = self.metrics
-            m.labels(m.retrieved_tokens).inc(views[-1][0].end if views else 0)
-            m.labels(m.retrieved_bytes).inc(nbytes)
+            hit = views[-1][0].end if views else 0
+            self.metrics.retrieve(chunks[-1].end if chunks else 0, hit, nbytes)
             yield views
         finally:
             self.storage.release_all(buffers)

@@ -79,7 +79,7 @@ class DiskBackend(StorageBackend):
             # A read-only or missing volume: the tier starts empty and every write is a
             # counted failure, like a disk that breaks later.
             self._warn_once("start", f"disk tier {directory} unusable at start-up ({err})")
-            self.metrics.labels(self.metrics.tier_errors, TIER, "start").inc()
+            self.metrics.tier_error(TIER, "start")
         self._writer = threading.Thread(target=self._write_loop, name="lmcache-disk", daemon=True)
         self._writer.start()
 
@@ -113,7 +113,7 @@ class DiskBackend(StorageBackend):
                     raise serde.CorruptValue("file name or size does not match its header")
             except (OSError, serde.CorruptValue) as err:
                 logger.warning("disk tier: removing unreadable %s (%s)", path.name, err)
-                self.metrics.labels(self.metrics.corrupt, TIER).inc()
+                self.metrics.corrupt(TIER)
                 self._unlink(path)
                 continue
             self._index[header.key] = size
@@ -156,14 +156,14 @@ class DiskBackend(StorageBackend):
             return False
         except serde.CorruptValue as err:
             logger.warning("disk tier: refusing %s (%s); removed", path.name, err)
-            self.metrics.labels(self.metrics.corrupt, TIER).inc()
+            self.metrics.corrupt(TIER)
             self._forget(key, path)
             return False
         except OSError as err:
             # Unreadable (permissions, I/O error): forget it, or every lookup would promise
             # a chunk no load can deliver.
             self._warn_once("read", f"disk tier: read of {path.name} failed: {err}; dropped")
-            self.metrics.labels(self.metrics.tier_errors, TIER, "read").inc()
+            self.metrics.tier_error(TIER, "read")
             self._forget(key, path)
             return False
         self._observe("read", header.payload_len, started)
@@ -178,7 +178,7 @@ class DiskBackend(StorageBackend):
         try:
             self._queue.put_nowait((key, buffer, done))
         except queue.Full:
-            self.metrics.labels(self.metrics.dropped_writes, TIER).inc()
+            self.metrics.dropped_writes(TIER)
             done()
 
     def _write_loop(self) -> None:
@@ -188,7 +188,7 @@ class DiskBackend(StorageBackend):
                 self._write(key, buffer)
             except Exception:  # a dead writer would stop the CPU cache from storing
                 logger.exception("disk tier: unexpected error writing a chunk; continuing")
-                self.metrics.labels(self.metrics.tier_errors, TIER, "write").inc()
+                self.metrics.tier_error(TIER, "write")
             finally:
                 done()
                 self._queue.task_done()
@@ -200,7 +200,7 @@ class DiskBackend(StorageBackend):
         header = serde.header_for(key, self.spec, buffer.num_tokens, payload).encode()
         size = len(header) + payload.nbytes
         if size > self.max_bytes:
-            self.metrics.labels(self.metrics.dropped_writes, TIER).inc()
+            self.metrics.dropped_writes(TIER)
             return
         path = self.path_of(key)
         tmp = path.with_name(path.name + TMP_SUFFIX)
@@ -212,7 +212,7 @@ class DiskBackend(StorageBackend):
         except OSError as err:
             self._unlink(tmp)
             self._warn_once("write", f"disk tier: write failed ({err}); chunks not stored on disk")
-            self.metrics.labels(self.metrics.tier_errors, TIER, "write").inc()
+            self.metrics.tier_error(TIER, "write")
             return
         with self._lock:
             if key not in self._index:
@@ -227,15 +227,15 @@ class DiskBackend(StorageBackend):
             key, size = self._index.popitem(last=False)
             self._bytes -= size
             self._unlink(self.path_of(key))
-            self.metrics.labels(self.metrics.evictions, TIER).inc()
-        self.metrics.labels(self.metrics.disk_bytes).set(self._bytes)
+            self.metrics.evicted(TIER)
+        self.metrics.disk_usage(self._bytes)
 
     def _forget(self, key: str, path: Path | None = None) -> None:
         with self._lock:
             size = self._index.pop(key, None)
             if size is not None:
                 self._bytes -= size
-            self.metrics.labels(self.metrics.disk_bytes).set(self._bytes)
+            self.metrics.disk_usage(self._bytes)
         if path is not None:
             self._unlink(path)
 
@@ -247,7 +247,7 @@ class DiskBackend(StorageBackend):
             self._warn_once("unlink", f"disk tier: {path.name} is a directory; left in place")
         except OSError as err:
             self._warn_once("unlink", f"disk tier: cannot remove {path.name}: {err}")
-            self.metrics.labels(self.metrics.tier_errors, TIER, "delete").inc()
+            self.metrics.tier_error(TIER, "delete")
 
     def _warn_once(self, kind: str, message: str) -> None:
         """One warning per kind of failure: a read-only disk fails every write."""
@@ -256,10 +256,7 @@ class DiskBackend(StorageBackend):
             logger.warning("%s (warned once)", message)
 
     def _observe(self, op: str, nbytes: int, started: float) -> None:
-        m = self.metrics
-        m.labels(m.tier_ops, TIER, op).inc()
-        m.labels(m.tier_bytes, TIER, op).inc(nbytes)
-        m.labels(m.tier_latency, TIER, op).observe(time.perf_counter() - started)
+        self.metrics.tier_io(TIER, op, nbytes, time.perf_counter() - started)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued write is on disk (or failed)."""

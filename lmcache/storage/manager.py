@@ -102,7 +102,7 @@ class StorageManager:
         self._pending: set[str] = set()
         """Keys reserved by a store whose bytes are still on their way (not yet committed)."""
         self._lock = threading.Lock()
-        metrics.labels(metrics.pool_total_bytes).set(self.pool.capacity)
+        metrics.pool_capacity(self.pool.capacity)
 
     # -- references ----------------------------------------------------------------------
 
@@ -136,13 +136,11 @@ class StorageManager:
                     return None
                 victim.refs -= 1
             self.pool.free(victim)
-            self.metrics.labels(self.metrics.evictions, "cpu").inc()
+            self.metrics.evicted("cpu")
         return buffer
 
     def _update_gauges(self) -> None:
-        m = self.metrics
-        m.labels(m.pool_used_bytes).set(self.pool.used_bytes)
-        m.labels(m.cpu_cached_chunks).set(len(self.cpu))
+        self.metrics.cache_usage(self.pool.used_bytes, len(self.cpu))
 
     # -- store ---------------------------------------------------------------------------
 
@@ -172,6 +170,7 @@ class StorageManager:
         :meth:`reserve`, ``fill`` each slot, :meth:`commit`; a failing ``fill`` aborts the
         reservation (slots back to the pool) and propagates.
         """
+        started = time.perf_counter()
         reserved = self.reserve(chunks)
         try:
             for chunk, buffer in reserved:
@@ -179,7 +178,7 @@ class StorageManager:
         except BaseException:
             self.abort(reserved)
             raise
-        return self.commit(reserved)
+        return self.commit(reserved, time.perf_counter() - started)
 
     def reserve(self, chunks: Sequence[ChunkRange]) -> Reserved:
         """Phase one of a store: a private pool slot for each chunk not stored yet.
@@ -201,7 +200,7 @@ class StorageManager:
                     continue
                 buffer = self._allocate(chunk.num_tokens)
                 if buffer is None:
-                    self.metrics.labels(self.metrics.skipped_stores).inc(len(chunks) - position)
+                    self.metrics.skipped_stores(len(chunks) - position)
                     break
                 reserved.append((chunk, buffer))
                 with self._lock:
@@ -212,17 +211,19 @@ class StorageManager:
         self._update_gauges()
         return reserved
 
-    def commit(self, reserved: Reserved) -> int:
+    def commit(self, reserved: Reserved, seconds: float | None = None) -> int:
         """Phase two: publish filled slots to the CPU cache and write them through to the
-        lower tiers; returns the tokens newly stored. Published tail first, so the prefix's
-        head is the most recently used."""
-        stored = 0
+        lower tiers; returns the tokens newly stored (``seconds``: how long the fill took,
+        for the store-speed metrics). Published tail first, so the prefix's head is the most
+        recently used."""
+        stored = nbytes = 0
         for chunk, buffer in reversed(reserved):
             if not self._commit(chunk.key, buffer):
                 continue
             stored += chunk.num_tokens
-            self.metrics.labels(self.metrics.stored_bytes).inc(buffer.nbytes)
-        self.metrics.labels(self.metrics.stored_tokens).inc(stored)
+            nbytes += buffer.nbytes
+        if reserved:
+            self.metrics.store(stored, nbytes, seconds)
         self._update_gauges()
         return stored
 
@@ -273,7 +274,7 @@ class StorageManager:
             tier.submit(key, buffer, done)
         except Exception:
             logger.exception("%s tier: write-back failed to queue; not stored", tier.name)
-            self.metrics.labels(self.metrics.tier_errors, tier.name, "write").inc()
+            self.metrics.tier_error(tier.name, "write")
             done()
 
     # -- lookup and load -----------------------------------------------------------------
@@ -309,7 +310,7 @@ class StorageManager:
             return tier.contains_prefix(keys)
         except Exception:
             logger.exception("%s tier: lookup failed; treated as a miss", tier.name)
-            self.metrics.labels(self.metrics.tier_errors, tier.name, "lookup").inc()
+            self.metrics.tier_error(tier.name, "lookup")
             return 0
 
     def acquire(self, chunks: Sequence[ChunkRange]) -> list[ChunkBuffer]:
@@ -365,7 +366,7 @@ class StorageManager:
             got = tier.load_prefix(keys, buffers) if buffers else 0
         except Exception:
             logger.exception("%s tier: load failed; treated as a miss", tier.name)
-            self.metrics.labels(self.metrics.tier_errors, tier.name, "read").inc()
+            self.metrics.tier_error(tier.name, "read")
             got = 0
         except BaseException:
             for buffer in buffers:
@@ -373,7 +374,7 @@ class StorageManager:
             raise
         for buffer in buffers[got:]:
             self.release(buffer)
-        self.metrics.labels(self.metrics.tier_hits, tier.name).inc(got)
+        self.metrics.tier_hits(tier.name, got)
         for chunk, buffer in zip(chunks[:got], buffers[:got], strict=True):
             loaded.append(self._promote(chunk.key, buffer))
         return got

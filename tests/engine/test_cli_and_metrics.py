@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -61,7 +62,55 @@ def test_metrics_endpoint_serves_engine_metrics(make_engine: EngineFactory) -> N
     engine.lookup(tokens(32))
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         body = response.read().decode()
-    assert 'lmcache_hit_tokens_total{model="test-model",rank="0"} 32.0' in body
+    assert 'lmcache:num_lookup_hits_total{model_name="test-model",worker_id="0"} 32.0' in body
     engine.close()
     with pytest.raises(ConnectionRefusedError):  # the endpoint stops with the engine
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+RANK = """
+import sys, torch
+from lmcache import KVSpec, LMCacheEngine, LMCacheEngineConfig
+rank, port = int(sys.argv[1]), int(sys.argv[2])
+config = LMCacheEngineConfig.from_mapping(
+    {"chunk_size": 16, "max_local_cpu_size": 0.01, "metrics_port": port}
+)
+spec = KVSpec(2, 2, 8)
+with LMCacheEngine(config, spec, "tp-model", world_size=2, rank=rank) as engine:
+    n = 16 * (rank + 1)
+    engine.store(list(range(n)), torch.zeros(spec.shape(n), dtype=spec.dtype))
+    print("ready", flush=True)
+    sys.stdin.read()  # serve until the test closes our stdin
+"""
+
+
+def test_every_rank_reaches_one_scrape(tmp_path: Path) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR shared by the ranks' processes (the operator sets it),
+    rank 0's endpoint serves every rank's metrics, under upstream LMCache's names and
+    labels; the other ranks open no port."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    port = free_port()
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK, str(rank), str(port)],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (1, 0)
+    ]
+    try:
+        for process in ranks:
+            assert process.stdout is not None
+            assert process.stdout.readline().strip() == "ready"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            body = response.read().decode()
+    finally:
+        for process in ranks:
+            process.communicate(timeout=60)
+    for rank, stored in ((0, 16), (1, 32)):
+        labels = f'model_name="tp-model",worker_id="{rank}"'
+        assert f"lmcache:num_stored_tokens_total{{{labels}}} {float(stored)}" in body
+        assert f"lmcache:local_cache_usage{{{labels}}}" in body
+    assert "python_gc" not in body and "vllm:" not in body, "only lmcache metrics"

@@ -106,7 +106,7 @@ def test_disk_lru_bound(make_engine: EngineFactory, tmp_path: Path) -> None:
         assert engine.flush(timeout=30)
     assert len(chunk_files(tmp_path)) == 3
     assert disk_of(engine).used_bytes <= engine.config.max_local_disk_bytes
-    assert engine.metrics.value("lmcache_evictions_total", tier="disk") == 2
+    assert engine.metrics.value("lmcache_disk_evictions_total") == 2
 
 
 def test_staging_only_pool_with_disk(make_engine: EngineFactory, tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ def test_lru_eviction_under_pressure(make_engine: EngineFactory) -> None:
     engine.store(c, random_kv(32, 3))
     assert engine.lookup(a) == 32 and engine.lookup(c) == 32
     assert engine.lookup(b) == 0, "b was least recently used"
-    assert engine.metrics.value("lmcache_evictions_total", tier="cpu") == 2
+    assert engine.metrics.value("lmcache:local_cpu_evict_count_total") == 2
 
 
 def test_pinned_chunks_survive_and_full_pool_skips_stores(make_engine: EngineFactory) -> None:
@@ -155,12 +155,13 @@ def test_metrics_count_traffic(make_engine: EngineFactory) -> None:
     engine.lookup(tokens(48))
     engine.retrieve(tokens(32))
     value = engine.metrics.value
-    assert value("lmcache_stored_tokens_total") == 32
+    assert value("lmcache:num_stored_tokens_total") == 32
     assert value("lmcache_stored_bytes_total") == 32 * SPEC.bytes_per_token
-    assert value("lmcache_lookup_tokens_total") == 48 and value("lmcache_hit_tokens_total") == 32
-    assert value("lmcache_retrieved_tokens_total") == 32
-    assert value("lmcache_pool_used_bytes") == 2 * CHUNK_BYTES
-    assert value("lmcache_cpu_cached_chunks") == 2
+    assert value("lmcache:num_lookup_tokens_total") == 48
+    assert value("lmcache:num_lookup_hits_total") == 32
+    assert value("lmcache:num_hit_tokens_total") == 32
+    assert value("lmcache:local_cache_usage") == 2 * CHUNK_BYTES
+    assert value("lmcache:local_cpu_hot_cache_count") == 2
 
 
 def test_mla_spec_round_trip() -> None:

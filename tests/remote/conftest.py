@@ -141,7 +141,7 @@ def make_tier() -> Iterator[Callable[..., Tier]]:
             **config,
         }
         cfg = LMCacheEngineConfig.from_mapping(values)
-        metrics = EngineMetrics({"model": "m", "rank": "0"})
+        metrics = EngineMetrics("m", 0)
         backend = create_remote_backend(cfg, spec, metrics)
         assert isinstance(backend, RemoteBackend)
         tier = Tier(backend, MemoryPool(cfg, spec), metrics, spec, chunk)

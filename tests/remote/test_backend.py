@@ -29,11 +29,11 @@ def test_round_trip_is_byte_exact(server: RedisServer, make_tier: Callable[..., 
     for a, b in zip(sent, got, strict=True):
         assert b.num_tokens == a.num_tokens
         assert torch.equal(a.raw(), b.raw())
-    assert tier.value("lmcache_tier_ops_total", op="put") == 3
-    assert tier.value("lmcache_tier_ops_total", op="get") == 3
+    assert tier.metrics.value("lmcache:num_remote_write_requests_total") == 3
+    assert tier.metrics.value("lmcache:num_remote_read_requests_total") == 3
     put_bytes = sum(b.nbytes for b in sent)
-    assert tier.value("lmcache_tier_bytes_total", op="put") == put_bytes
-    assert tier.value("lmcache_tier_bytes_total", op="get") == put_bytes
+    assert tier.metrics.value("lmcache:num_remote_write_bytes_total") == put_bytes
+    assert tier.metrics.value("lmcache:num_remote_read_bytes_total") == put_bytes
 
 
 def test_value_is_header_plus_payload_in_one_string(

@@ -359,12 +359,12 @@ def test_a_waiting_request_is_hashed_and_looked_up_once(
     connector = rig.scheduler.connector
     assert connector is not None
     request = rig.make_request("r2", tokens)
-    lookups = rig.engine.metrics.value("lmcache_lookups_total")
+    lookups = rig.engine.metrics.value("lmcache:num_lookup_requests_total")
     first = connector.get_num_new_matched_tokens(request, 0)
     second = connector.get_num_new_matched_tokens(request, 0)
     assert first == second == (149, False)
     assert hashed == [150]
-    assert rig.engine.metrics.value("lmcache_lookups_total") == lookups + 1
+    assert rig.engine.metrics.value("lmcache:num_lookup_requests_total") == lookups + 1
     connector.request_finished(request, [])
     connector.get_num_new_matched_tokens(request, 0)
     assert hashed == [150, 150], "a finished request's digests are not kept"

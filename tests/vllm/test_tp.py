@@ -104,7 +104,7 @@ def test_a_chunk_one_rank_evicted_is_not_promised(model_dir: Path, lmcache_log: 
         run("r1", tokens)
         digests = [c.key for c in chunk_digests(tokens, CHUNK, include_partial=True)]
         assert ranks.all("held", digests) == [5, 5]
-        assert ranks.all("metric", "lmcache_stored_tokens_total") == [5 * CHUNK, 5 * CHUNK]
+        assert ranks.all("metric", "lmcache:num_stored_tokens_total") == [5 * CHUNK, 5 * CHUNK]
 
         ranks.one(1, "fill_pool", 9 * CHUNK)  # rank 1 serves other traffic: evicts 2 chunks
         assert ranks.all("held", digests) == [5, 3]

@@ -56,11 +56,10 @@ class PinTable:
             self._pinned[req_id] = record
             if found:
                 record.staging = self._stager.submit(self._stage, req_id, record, rest[:found])
-        m = self._engine.metrics
-        m.labels(m.lookups).inc()
         if chunks:
-            m.labels(m.lookup_tokens).inc(chunks[-1].end - chunks[0].start)
-            m.labels(m.hit_tokens).inc(sum(c.num_tokens for c in chunks[: len(buffers)]))
+            self._engine.metrics.lookup(
+                chunks[-1].end - chunks[0].start, sum(c.num_tokens for c in chunks[: len(buffers)])
+            )
         return self._answer(record)
 
     def _stage(self, req_id: str, record: _Pinned, chunks: Sequence[ChunkRange]) -> None:
@@ -71,8 +70,7 @@ class PinTable:
         except Exception:
             logger.exception("LMCache staging for request %s failed; it is computed", req_id)
             loaded = []
-        m = self._engine.metrics
-        m.labels(m.hit_tokens).inc(sum(c.num_tokens for c in chunks[: len(loaded)]))
+        self._engine.metrics.lookup_hit(sum(c.num_tokens for c in chunks[: len(loaded)]))
         with self._lock:
             current = self._pinned.get(req_id) is record
             if current:

@@ -128,4 +128,4 @@ def _forward_preemptions(parent: KVConnectorBase_V1, impl: LMCacheConnectorV1Imp
     not forward it, and asynchronous stores need it. Give the wrapper instance the forward it
     lacks (a wrapper that forwards it itself is left alone)."""
     if type(parent).handle_preemptions is KVConnectorBase_V1.handle_preemptions:
-        parent.handle_preemptions = impl.handle_preemptions  # type: ignore[method-assign]
+        parent.handle_preemptions = impl.handle_preemptions  # type: ignore[method-assign,assignment]

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,8 +51,8 @@ class _Store:
 
     req_id: str
     reserved: Reserved
-    total_tokens: int
     done: torch.cuda.Event | None
+    issued: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -60,6 +61,8 @@ class _Load:
 
     buffers: list[ChunkBuffer]
     done: torch.cuda.Event | None
+    tokens: int
+    issued: float = field(default_factory=time.perf_counter)
 
 
 def _landed(event: torch.cuda.Event | None) -> bool:
@@ -172,10 +175,7 @@ class WorkerConnector:
             for load in meta.loads:
                 self._fail(load, "the copy into the paged cache failed")
             return
-        self._loads.append(_Load(buffers, done))
-        metrics = self.engine.metrics
-        metrics.labels(metrics.retrieved_tokens).inc(sum(ld.end - ld.start for ld in meta.loads))
-        metrics.labels(metrics.retrieved_bytes).inc(sum(b.nbytes for b in buffers))
+        self._loads.append(_Load(buffers, done, sum(ld.end - ld.start for ld in meta.loads)))
 
     def _plan_load(self, load: LoadSpec, jobs: list[ChunkJob]) -> list[ChunkBuffer] | None:
         """Take the request's pinned chunks and queue their copies."""
@@ -261,7 +261,7 @@ class WorkerConnector:
             return
         with self._lock:
             for spec, reserved in planned:
-                self._stores.append(_Store(spec.req_id, reserved, spec.total_tokens, done))
+                self._stores.append(_Store(spec.req_id, reserved, done))
                 self._storing[spec.req_id] += 1
         for spec, reserved in planned:
             if self.rank == 0:
@@ -288,14 +288,17 @@ class WorkerConnector:
                 landed.append(self._stores.popleft())
             loads = [ld for ld in self._loads if _landed(ld.done)]
             self._loads = [ld for ld in self._loads if not _landed(ld.done)]
+        now = time.perf_counter()
         for store in landed:
             try:
-                self.engine.commit_chunks(store.reserved)
+                self.engine.storage.commit(store.reserved, now - store.issued)
             except Exception:
                 logger.exception("LMCache: publishing stores of %s failed", store.req_id)
             with self._lock:
                 self._storing[store.req_id] -= 1
         for load in loads:
+            nbytes = sum(b.nbytes for b in load.buffers)
+            self.engine.metrics.retrieve(load.tokens, load.tokens, nbytes, now - load.issued)
             self.engine.storage.release_all(load.buffers)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:

@@ -95,7 +95,7 @@ class RemoteBackend(StorageBackend):
         self._closed = False
         self._warned: set[str] = set()
         """Write errors already logged (an -OOM server would otherwise log every batch)."""
-        metrics.labels(metrics.breaker_open).set(0)
+        metrics.breaker_open(False)
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="lmcache-remote-encode")
         self._writer = threading.Thread(
             target=self._write_loop, name="lmcache-remote-writer", daemon=True
@@ -174,7 +174,7 @@ class RemoteBackend(StorageBackend):
     def _refuse(self, key: str, err: serde.CorruptValue) -> None:
         """A value failed validation: count it, say so, and delete it so it is rewritten."""
         m = self._metrics
-        m.labels(m.corrupt, TIER).inc()
+        m.corrupt(TIER)
         logger.warning(
             "remote value for key %s refused (%s); treated as a miss and deleted", key, err
         )
@@ -198,7 +198,7 @@ class RemoteBackend(StorageBackend):
                 self._queued_bytes += nbytes
                 self._cond.notify_all()
         if not accept:
-            self._metrics.labels(self._metrics.dropped_writes, TIER).inc()
+            self._metrics.dropped_writes(TIER)
             done()
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -267,7 +267,7 @@ class RemoteBackend(StorageBackend):
     def _write(self, batch: list[_Pending]) -> None:
         try:
             if not self._breaker.allow():
-                self._metrics.labels(self._metrics.dropped_writes, TIER).inc(len(batch))
+                self._metrics.dropped_writes(TIER, len(batch))
                 return
             start = time.monotonic()
             # Headers (checksums) are computed on the encoder thread while earlier values are
@@ -281,7 +281,7 @@ class RemoteBackend(StorageBackend):
                 )
             except Exception as err:
                 self._failed("put", err)
-                self._metrics.labels(self._metrics.dropped_writes, TIER).inc(len(batch))
+                self._metrics.dropped_writes(TIER, len(batch))
                 return
             finally:
                 futures.wait(encoded)  # no checksum may still read a slot once it is released
@@ -289,8 +289,9 @@ class RemoteBackend(StorageBackend):
             self._succeeded("put", sum(written), start, count=len(written))
             refused = [e for e in errors if e is not None]
             if refused:
-                self._metrics.labels(self._metrics.tier_errors, TIER, "put").inc(len(refused))
-                self._metrics.labels(self._metrics.dropped_writes, TIER).inc(len(refused))
+                for _ in refused:
+                    self._metrics.tier_error(TIER, "put")
+                self._metrics.dropped_writes(TIER, len(refused))
             for error in set(refused) - self._warned:
                 self._warned.add(error)
                 logger.warning(
@@ -322,15 +323,14 @@ class RemoteBackend(StorageBackend):
 
     def _succeeded(self, op: str, nbytes: int, start: float, count: int = 1) -> None:
         self._breaker.success()
-        m = self._metrics
-        m.labels(m.tier_ops, TIER, op).inc(count)
-        m.labels(m.tier_bytes, TIER, op).inc(nbytes)
-        m.labels(m.tier_latency, TIER, op).observe(time.monotonic() - start)
+        moved = {"get": "read", "put": "write", "lookup": "lookup"}.get(op)
+        if moved is not None:
+            self._metrics.tier_io(TIER, moved, nbytes, time.monotonic() - start, count)
 
     def _failed(self, op: str, err: Exception) -> None:
         """Every failed call ends here, whatever it raised: the breaker's probe, if this call
         was it, is always settled (else the tier would stay off until a restart)."""
-        self._metrics.labels(self._metrics.tier_errors, TIER, op).inc()
+        self._metrics.tier_error(TIER, op)
         if isinstance(err, RemoteError):
             logger.debug("remote %s failed: %s", op, err)
         else:
@@ -338,7 +338,7 @@ class RemoteBackend(StorageBackend):
         self._breaker.failure(f"{op}: {err}")
 
     def _breaker_changed(self, is_open: bool, reason: str) -> None:
-        self._metrics.labels(self._metrics.breaker_open).set(1 if is_open else 0)
+        self._metrics.breaker_open(is_open)
         if is_open:
             logger.warning(
                 "remote tier %s unavailable (%s); skipping it, probing every %gs",
