@@ -14,7 +14,7 @@ from lmcache.keys import PLAIN, ChunkRange, KeyScheme, KVContext, Tokens
 from lmcache.log import log_lookup, log_store, setup_logging
 from lmcache.metrics import EngineMetrics
 from lmcache.spec import KVSpec
-from lmcache.storage.backend import StorageBackend
+from lmcache.storage.backend import StorageBackend, TierListener
 from lmcache.storage.manager import Reserved, StorageManager
 
 logger = logging.getLogger("lmcache")
@@ -47,9 +47,11 @@ class LMCacheEngine:
         rank: int = 0,
         lower_tiers: Sequence[StorageBackend] | None = None,
         kv_dtype: str | None = None,
+        listener: TierListener | None = None,
     ) -> None:
         """``kv_dtype`` names the KV cache's element type when the tensor dtype does not
-        (vLLM's fp8 e4m3 and e5m2 caches are both uint8 tensors)."""
+        (vLLM's fp8 e4m3 and e5m2 caches are both uint8 tensors); ``listener`` is told when
+        chunks land in or leave a tier (KV events)."""
         setup_logging()
         self.config = config
         self.spec = spec
@@ -59,7 +61,7 @@ class LMCacheEngine:
         # The label is the model's name alone: the identity's hashes would split dashboards.
         self.metrics = EngineMetrics(model_name.partition("@")[0], rank)
         self.storage = StorageManager(
-            config, spec, self.metrics, self.scheme.shard_name, lower_tiers
+            config, spec, self.metrics, self.scheme.shard_name, lower_tiers, listener
         )
         self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lmcache-prefetch")
         self._closed = False

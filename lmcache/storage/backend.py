@@ -9,10 +9,23 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from lmcache.memory.pool import ChunkBuffer
 
 WriteDone = Callable[[], None]
+
+
+class TierListener(Protocol):
+    """Told when a chunk lands in or leaves a tier of this engine (the vLLM connector turns
+    that into KV events for routers). ``tag`` is a chunk's description, kept in the disk
+    tier's file header so that it survives a restart."""
+
+    def landed(self, key: str, tier: str, tag: bytes = b"") -> None: ...
+
+    def left(self, key: str, tier: str) -> None: ...
+
+    def tag(self, key: str) -> bytes: ...
 
 
 class StorageBackend(ABC):

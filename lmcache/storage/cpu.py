@@ -56,15 +56,15 @@ class CpuCache:
         else:
             self._evictable.pop(key, None)
 
-    def evict_lru(self) -> ChunkBuffer | None:
-        """Remove and return the least recently used entry nobody else holds; None if every
-        entry is held."""
+    def evict_lru(self) -> tuple[str, ChunkBuffer] | None:
+        """Remove the least recently used entry nobody else holds and return it with its key;
+        None if every entry is held."""
         if not self._evictable:
             return None
         key, buffer = self._evictable.popitem(last=False)
         del self._entries[key]
         buffer.key = None
-        return buffer
+        return key, buffer
 
     def keys_lru_first(self) -> list[str]:
         """Evictable keys in eviction order (held entries are not in it)."""

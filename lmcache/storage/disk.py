@@ -28,7 +28,7 @@ from lmcache.memory.pool import ChunkBuffer
 from lmcache.metrics import EngineMetrics
 from lmcache.spec import KVSpec
 from lmcache.storage import serde
-from lmcache.storage.backend import StorageBackend, WriteDone
+from lmcache.storage.backend import StorageBackend, TierListener, WriteDone
 
 logger = logging.getLogger("lmcache")
 SUFFIX = ".kv"
@@ -59,9 +59,11 @@ class DiskBackend(StorageBackend):
         max_bytes: int,
         spec: KVSpec,
         metrics: EngineMetrics,
+        listener: TierListener | None = None,
         queue_chunks: int = 64,
     ) -> None:
         self.directory = directory
+        self.listener = listener
         self.max_bytes = max_bytes
         self.spec = spec
         self.metrics = metrics
@@ -118,6 +120,8 @@ class DiskBackend(StorageBackend):
                 continue
             self._index[header.key] = size
             self._bytes += size
+            if self.listener is not None:
+                self.listener.landed(header.key, TIER, header.tag)
         with self._lock:
             self._evict_over_budget()
 
@@ -197,7 +201,8 @@ class DiskBackend(StorageBackend):
     def _write(self, key: str, buffer: ChunkBuffer) -> None:
         started = time.perf_counter()
         payload = buffer.raw().numpy().data
-        header = serde.header_for(key, self.spec, buffer.num_tokens, payload).encode()
+        tag = self.listener.tag(key) if self.listener is not None else b""
+        header = serde.header_for(key, self.spec, buffer.num_tokens, payload, tag).encode()
         size = len(header) + payload.nbytes
         if size > self.max_bytes:
             self.metrics.dropped_writes(TIER)
@@ -215,10 +220,13 @@ class DiskBackend(StorageBackend):
             self.metrics.tier_error(TIER, "write")
             return
         with self._lock:
-            if key not in self._index:
+            new = key not in self._index
+            if new:
                 self._index[key] = size
                 self._bytes += size
             self._evict_over_budget()
+        if new and self.listener is not None:
+            self.listener.landed(key, TIER)
         self._observe("write", payload.nbytes, started)
 
     def _evict_over_budget(self) -> None:
@@ -228,6 +236,8 @@ class DiskBackend(StorageBackend):
             self._bytes -= size
             self._unlink(self.path_of(key))
             self.metrics.evicted(TIER)
+            if self.listener is not None:
+                self.listener.left(key, TIER)
         self.metrics.disk_usage(self._bytes)
 
     def _forget(self, key: str, path: Path | None = None) -> None:
@@ -236,6 +246,8 @@ class DiskBackend(StorageBackend):
             if size is not None:
                 self._bytes -= size
             self.metrics.disk_usage(self._bytes)
+        if size is not None and self.listener is not None:
+            self.listener.left(key, TIER)
         if path is not None:
             self._unlink(path)
 

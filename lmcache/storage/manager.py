@@ -24,7 +24,7 @@ from lmcache.keys import ChunkRange
 from lmcache.memory.pool import ChunkBuffer, MemoryPool
 from lmcache.metrics import EngineMetrics
 from lmcache.spec import KVSpec
-from lmcache.storage.backend import StorageBackend
+from lmcache.storage.backend import StorageBackend, TierListener
 from lmcache.storage.cpu import CpuCache
 from lmcache.storage.disk import DiskBackend
 
@@ -38,7 +38,11 @@ Reserved = list[tuple[ChunkRange, ChunkBuffer]]
 
 
 def build_lower_tiers(
-    config: LMCacheEngineConfig, spec: KVSpec, metrics: EngineMetrics, shard: str
+    config: LMCacheEngineConfig,
+    spec: KVSpec,
+    metrics: EngineMetrics,
+    shard: str,
+    listener: TierListener | None = None,
 ) -> list[StorageBackend]:
     """The configured tiers below the CPU cache, fastest first.
 
@@ -48,7 +52,9 @@ def build_lower_tiers(
     tiers: list[StorageBackend] = []
     disk_path = config.local_disk_path
     if disk_path is not None and config.max_local_disk_bytes > 0:
-        tiers.append(DiskBackend(disk_path / shard, config.max_local_disk_bytes, spec, metrics))
+        tiers.append(
+            DiskBackend(disk_path / shard, config.max_local_disk_bytes, spec, metrics, listener)
+        )
     if config.remote_url:
         from lmcache.storage.remote import create_remote_backend
 
@@ -69,14 +75,18 @@ class StorageManager:
         metrics: EngineMetrics,
         shard: str,
         lower: Sequence[StorageBackend] | None = None,
+        listener: TierListener | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
+        self.listener = listener
         # Tiers first: their config errors (bad URL, refused credentials) must surface before
         # the pool pins gigabytes.
         started = time.perf_counter()
         self.lower = (
-            list(lower) if lower is not None else build_lower_tiers(config, spec, metrics, shard)
+            list(lower)
+            if lower is not None
+            else build_lower_tiers(config, spec, metrics, shard, listener)
         )
         tiers_s = time.perf_counter() - started
         try:
@@ -131,12 +141,15 @@ class StorageManager:
         """A slot, evicting LRU CPU entries as needed; None when everything is held."""
         while (buffer := self.pool.allocate(num_tokens)) is None:
             with self._lock:
-                victim = self.cpu.evict_lru()
-                if victim is None:
+                evicted = self.cpu.evict_lru()
+                if evicted is None:
                     return None
+                key, victim = evicted
                 victim.refs -= 1
             self.pool.free(victim)
             self.metrics.evicted("cpu")
+            if self.listener is not None:
+                self.listener.left(key, "cpu")
         return buffer
 
     def _update_gauges(self) -> None:
@@ -254,6 +267,8 @@ class StorageManager:
                 self.cpu.insert(key, buffer)  # the caller's reference becomes the index's
             else:
                 buffer.refs += len(self.lower)
+        if self.config.local_cpu and self.listener is not None:
+            self.listener.landed(key, "cpu")
         for tier in self.lower:
             self._submit(tier, key, buffer)
         if not self.config.local_cpu:
@@ -388,8 +403,12 @@ class StorageManager:
             if existing is None:
                 buffer.refs += 1  # the index's reference; the caller keeps its pin
                 self.cpu.insert(key, buffer)
-                return buffer
-            self._hold(existing)
+            else:
+                self._hold(existing)
+        if existing is None:
+            if self.listener is not None:
+                self.listener.landed(key, "cpu")
+            return buffer
         self.release(buffer)
         return existing
 

@@ -17,12 +17,17 @@ from lmcache.spec import KVSpec
 MAGIC = b"LMKV"
 VERSION = 1
 _FIXED = struct.Struct("<4sHHIHHQQ")
-"""magic, version, reserved, key length, dtype length, ndim, payload length, xxh3-64 checksum."""
+"""magic, version, tag length, key length, dtype length, ndim, payload length, xxh3-64
+checksum. The tag length was a reserved zero field: files written before tags existed read
+as untagged."""
 FIXED_SIZE = _FIXED.size
 _MAX_KEY = 4096
 _MAX_DTYPE = 32
 _MAX_NDIM = 8
-MAX_HEADER = FIXED_SIZE + _MAX_KEY + _MAX_DTYPE + 4 * _MAX_NDIM
+MAX_TAG = 32768
+"""A tag is what a tier's owner needs to describe the chunk after a restart (the vLLM block
+hashes and token ids of its KV events, ~2 KiB for 256 tokens)."""
+MAX_HEADER = FIXED_SIZE + _MAX_KEY + _MAX_DTYPE + 4 * _MAX_NDIM + MAX_TAG
 """No valid header is longer: read this many bytes to be sure to have all of it."""
 
 
@@ -41,6 +46,7 @@ class Header:
     shape: tuple[int, ...]
     payload_len: int
     checksum: int
+    tag: bytes = b""
 
     @property
     def size(self) -> int:
@@ -49,6 +55,7 @@ class Header:
             + len(self.key.encode())
             + len(self.dtype_name.encode())
             + 4 * len(self.shape)
+            + len(self.tag)
         )
 
     def encode(self) -> bytes:
@@ -58,7 +65,7 @@ class Header:
             _FIXED.pack(
                 MAGIC,
                 VERSION,
-                0,
+                len(self.tag),
                 len(key),
                 len(dtype),
                 len(self.shape),
@@ -68,6 +75,7 @@ class Header:
             + key
             + dtype
             + struct.pack(f"<{len(self.shape)}I", *self.shape)
+            + self.tag
         )
 
     def check(self, key: str, spec: KVSpec, num_tokens: int) -> None:
@@ -87,37 +95,43 @@ class Header:
             raise CorruptValue(f"payload length {self.payload_len} does not match shape")
 
 
-def header_for(key: str, spec: KVSpec, num_tokens: int, payload: memoryview) -> Header:
-    return Header(key, spec.dtype_name, spec.shape(num_tokens), payload.nbytes, checksum(payload))
+def header_for(
+    key: str, spec: KVSpec, num_tokens: int, payload: memoryview, tag: bytes = b""
+) -> Header:
+    return Header(
+        key, spec.dtype_name, spec.shape(num_tokens), payload.nbytes, checksum(payload), tag
+    )
 
 
-def fixed_lengths(prefix: bytes) -> tuple[int, int, int, int]:
-    """(key length, dtype length, ndim, payload length) from the fixed part, validated."""
+def fixed_lengths(prefix: bytes) -> tuple[int, int, int, int, int]:
+    """(key length, dtype length, ndim, tag length, payload length) from the fixed part,
+    validated."""
     if len(prefix) < FIXED_SIZE:
         raise CorruptValue("truncated header")
-    magic, version, _, key_len, dtype_len, ndim, payload_len, _ = _FIXED.unpack_from(prefix)
+    magic, version, tag_len, key_len, dtype_len, ndim, payload_len, _ = _FIXED.unpack_from(prefix)
     if magic != MAGIC:
         raise CorruptValue("bad magic")
     if version != VERSION:
         raise CorruptValue(f"unsupported format version {version}")
-    if key_len > _MAX_KEY or dtype_len > _MAX_DTYPE or ndim > _MAX_NDIM:
+    if key_len > _MAX_KEY or dtype_len > _MAX_DTYPE or ndim > _MAX_NDIM or tag_len > MAX_TAG:
         raise CorruptValue("header field out of range")
-    return key_len, dtype_len, ndim, payload_len
+    return key_len, dtype_len, ndim, tag_len, payload_len
 
 
 def variable_size(prefix: bytes) -> int:
     """Bytes of the whole header, given at least its fixed part."""
-    key_len, dtype_len, ndim, _ = fixed_lengths(prefix)
-    return FIXED_SIZE + key_len + dtype_len + 4 * ndim
+    key_len, dtype_len, ndim, tag_len, _ = fixed_lengths(prefix)
+    return FIXED_SIZE + key_len + dtype_len + 4 * ndim + tag_len
 
 
 def decode_header(data: bytes | memoryview) -> Header:
     """Parse a header from the start of ``data`` (which may run on into the payload)."""
     data = bytes(data[:MAX_HEADER])
-    key_len, dtype_len, ndim, payload_len = fixed_lengths(data)
+    key_len, dtype_len, ndim, tag_len, payload_len = fixed_lengths(data)
     end_key = FIXED_SIZE + key_len
     end_dtype = end_key + dtype_len
-    end = end_dtype + 4 * ndim
+    end_shape = end_dtype + 4 * ndim
+    end = end_shape + tag_len
     if len(data) < end:
         raise CorruptValue("truncated header")
     try:
@@ -127,7 +141,8 @@ def decode_header(data: bytes | memoryview) -> Header:
         raise CorruptValue("header is not valid UTF-8") from None
     shape = struct.unpack_from(f"<{ndim}I", data, end_dtype)
     stored_checksum = _FIXED.unpack_from(data)[7]
-    return Header(key, dtype_name, tuple(shape), payload_len, stored_checksum)
+    tag = data[end_shape:end]
+    return Header(key, dtype_name, tuple(shape), payload_len, stored_checksum, tag)
 
 
 def verify_payload(header: Header, payload: memoryview) -> None:

@@ -34,6 +34,7 @@ from vllm import SamplingParams
 from vllm.config import (
     CacheConfig,
     DeviceConfig,
+    KVEventsConfig,
     KVTransferConfig,
     ModelConfig,
     ParallelConfig,
@@ -119,7 +120,9 @@ def make_vllm_config(
     policy: Literal["fail", "recompute"] = "fail",
     tensor_parallel_size: int = 1,
     engine_id: str | None = None,
+    kv_events: tuple[str, str] | None = None,
 ) -> VllmConfig:
+    """``kv_events``: vLLM's event publisher on (PUB endpoint, replay endpoint)."""
     model = ModelConfig(model=str(model_dir), dtype="float16", seed=0, skip_tokenizer_init=True)
     parallel = ParallelConfig(
         distributed_executor_backend="mp" if tensor_parallel_size > 1 else executor_backend,
@@ -150,6 +153,14 @@ def make_vllm_config(
         ),
         device_config=DeviceConfig("cpu"),
         parallel_config=parallel,
+        kv_events_config=None
+        if kv_events is None
+        else KVEventsConfig(
+            enable_kv_cache_events=True,
+            publisher="zmq",
+            endpoint=kv_events[0],
+            replay_endpoint=kv_events[1],
+        ),
     )
 
 

@@ -1,21 +1,25 @@
-"""A complete vLLM v1 KV connector, for vLLM versions whose built-in LMCache wrapper differs.
+"""A complete vLLM v1 KV connector: the same implementation the built-in ``LMCacheConnectorV1``
+loads, speaking vLLM's base-class API itself.
 
 Load it with ``--kv-transfer-config '{"kv_connector":"LMCacheKubeConnectorV1",
 "kv_connector_module_path":"lmcache.integration.vllm.connector","kv_role":"kv_both"}'``.
-It speaks the base-class API itself and delegates to the same implementation the built-in
-``LMCacheConnectorV1`` loads.
+Besides being independent of the built-in wrapper's version, it publishes KV events with
+removals (the built-in wrapper can only carry stores).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from vllm.distributed.kv_events import KVCacheEvent
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.lmcache_connector import LMCacheKVEvents
 
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl
 
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 
@@ -42,6 +47,7 @@ class LMCacheKubeConnectorV1(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._impl = LMCacheConnectorV1Impl(vllm_config, role, self)
+        self._events: LMCacheKVEvents | None = None
 
     # -- worker side -------------------------------------------------------------------
 
@@ -75,6 +81,15 @@ class LMCacheKubeConnectorV1(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._impl.get_block_ids_with_load_errors()
 
+    def get_kv_connector_kv_cache_events(self) -> LMCacheKVEvents | None:
+        """This rank's KV events of the step; vLLM's aggregator keeps those every rank saw."""
+        events = self._impl.take_kv_events()
+        if not events:
+            return None
+        batch = LMCacheKVEvents(num_workers=1)
+        batch.add_events(events)
+        return batch
+
     def shutdown(self) -> None:
         self._impl.shutdown()
 
@@ -92,6 +107,24 @@ class LMCacheKubeConnectorV1(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         return self._impl.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        events = connector_output.kv_cache_events
+        if not isinstance(events, LMCacheKVEvents):
+            return
+        if self._events is None:
+            self._events = events
+        else:
+            self._events.add_events(events.get_all_events())
+            self._events.increment_workers(events.get_number_of_workers())
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """The step's KV events for vLLM's publisher, each reported by every rank."""
+        if self._events is None:
+            return
+        self._events.aggregate()
+        yield from self._events.get_all_events()
+        self._events = None
 
     def request_finished(
         self, request: Request, block_ids: list[int]

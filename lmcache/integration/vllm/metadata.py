@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
+from lmcache.integration.vllm.events import ChunkEvent
 from lmcache.keys import ChunkRange
 
 
@@ -67,6 +68,8 @@ class StoreSpec:
     chunks: tuple[ChunkRange, ...]
     blocks: BlockSpan
     total_tokens: int
+    events: tuple[ChunkEvent | None, ...] = ()
+    """With KV events on: each chunk's vLLM blocks, as routers know them."""
 
 
 @dataclass

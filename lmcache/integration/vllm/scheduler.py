@@ -20,7 +20,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
 from lmcache.integration.vllm import settings
+from lmcache.integration.vllm.events import ChunkEvent, Hash
 from lmcache.integration.vllm.metadata import (
     BlockSpan,
     LMCacheConnectorMetadata,
@@ -39,6 +42,40 @@ if TYPE_CHECKING:
 RANK_TIMEOUT_MS = 5000
 """A rank answers from memory (plus a remote lookup under its own deadline): one that takes
 longer is busy starting up or gone, and its answer counts as a miss."""
+
+
+@dataclass(frozen=True)
+class _EventSource:
+    """A request's vLLM block hashes (as vLLM's own events carry them), prompt and adapter."""
+
+    block_hashes: tuple[Hash, ...]
+    prompt: tuple[int, ...]
+    lora_id: int | None
+    lora_name: str | None
+
+    def chunk(self, chunk: ChunkRange, block_size: int) -> ChunkEvent | None:
+        """The event description of a chunk's full blocks (None: it has none)."""
+        first, last = chunk.start // block_size, chunk.end // block_size
+        if last <= first or last > len(self.block_hashes):
+            return None
+        return ChunkEvent(
+            self.block_hashes[first:last],
+            self.block_hashes[first - 1] if first else None,
+            self.prompt[first * block_size : last * block_size],
+            block_size,
+            self.lora_id,
+            self.lora_name,
+        )
+
+    @classmethod
+    def of(cls, request: Request) -> _EventSource:
+        lora = request.lora_request
+        return cls(
+            tuple(maybe_convert_block_hash(h) for h in request.block_hashes),
+            tuple(request.prompt_token_ids or ()),
+            lora.adapter_id if lora else None,
+            lora.name if lora else None,
+        )
 
 
 @dataclass
@@ -61,6 +98,8 @@ class _Request:
     """Chunks ending at or before this token are stored (or held) already."""
     stored: bool = False
     """A store was shipped: vLLM must keep the blocks until the ranks report it landed."""
+    events: _EventSource | None = None
+    """With KV events on: what each chunk's events need (vLLM's block hashes, tokens)."""
 
     @property
     def staging(self) -> bool:
@@ -77,6 +116,7 @@ class SchedulerConnector:
         self.instance_id = settings.instance_id(vllm_config)
         self.loads, self.stores = settings.directions(vllm_config)
         self.block_size = vllm_config.cache_config.block_size
+        self.kv_events = settings.kv_events(vllm_config)
         timeout = max(RANK_TIMEOUT_MS, 2 * self.config.remote_timeout_ms)
         self._ranks = RankClient(self.instance_id, settings.world_size(vllm_config), timeout)
         self._requests: dict[str, _Request] = {}
@@ -118,6 +158,8 @@ class SchedulerConnector:
                 settings.context(request),
             )
             state = self._requests[request.request_id] = _Request(digests, len(prompt))
+            if self.kv_events:
+                state.events = _EventSource.of(request)
         return state
 
     def update_state_after_alloc(self, request: Request, num_external_tokens: int) -> None:
@@ -186,7 +228,9 @@ class SchedulerConnector:
         if not chunks:
             return
         blocks = BlockSpan.covering(state.block_ids, self.block_size, chunks[0].start, done)
-        meta.stores.append(StoreSpec(req_id, chunks, blocks, done))
+        source = state.events
+        events = tuple(source.chunk(c, self.block_size) for c in chunks) if source else ()
+        meta.stores.append(StoreSpec(req_id, chunks, blocks, done, events))
         state.cursor = chunks[-1].end
         state.stored = True
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmcache.config import LMCacheEngineConfig
+from lmcache.config import ConfigError, LMCacheEngineConfig
 from lmcache.keys import KVContext
 from lmcache.spec import KVSpec
 
@@ -69,6 +69,23 @@ def shard(vllm_config: VllmConfig) -> tuple[int, int]:
 
     tp = get_tp_group()
     return get_pp_group().rank_in_group * tp.world_size + tp.rank_in_group, world_size
+
+
+def kv_events(vllm_config: VllmConfig) -> bool:
+    """Whether vLLM publishes KV events (``--kv-events-config``): then so do our tiers.
+
+    Our events name vLLM's own blocks, so a chunk must be whole blocks."""
+    events = vllm_config.kv_events_config
+    enabled = bool(events is not None and events.enable_kv_cache_events)
+    chunk = engine_config(vllm_config).chunk_size
+    block = vllm_config.cache_config.block_size
+    if enabled and chunk % block:
+        raise ConfigError(
+            f"chunk_size: {chunk} is not a multiple of vLLM's block size {block}; allowed with "
+            f"--kv-events-config: a multiple of {block}, so that every chunk's KV events name "
+            f"whole vLLM blocks"
+        )
+    return enabled
 
 
 def world_size(vllm_config: VllmConfig) -> int:

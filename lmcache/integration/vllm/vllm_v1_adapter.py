@@ -11,6 +11,7 @@ import atexit
 from typing import TYPE_CHECKING, Any
 
 import torch
+from vllm.distributed.kv_events import BlockStored, KVCacheEvent
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -111,8 +112,14 @@ class LMCacheConnectorV1Impl:
         return self.worker.get_block_ids_with_load_errors()
 
     def get_kv_events(self) -> list[Any]:
-        """vLLM's wrapper asks for KV-cache events each step; this engine emits none."""
-        return []
+        """The KV events of this step, for vLLM's built-in wrapper: it turns each into a
+        ``BlockStored`` and cannot carry removals, so only stores are given to it (our own
+        connector class, by module path, publishes both)."""
+        return [e for e in self.worker.take_events() if isinstance(e, BlockStored)]
+
+    def take_kv_events(self) -> list[KVCacheEvent]:
+        """Every KV event of this step (stores and removals)."""
+        return self.worker.take_events()
 
     def shutdown(self) -> None:
         atexit.unregister(self.shutdown)

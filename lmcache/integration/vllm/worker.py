@@ -28,6 +28,7 @@ import torch
 
 from lmcache.engine import LMCacheEngine
 from lmcache.integration.vllm import settings
+from lmcache.integration.vllm.events import TierEvents
 from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata, LoadSpec, StoreSpec
 from lmcache.integration.vllm.paged import ChunkJob, PagedKVCache, PagedTransfer, store_jobs
 from lmcache.integration.vllm.pins import PinTable
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
 
 logger = logging.getLogger("lmcache")
 
@@ -76,6 +78,7 @@ class WorkerConnector:
         self.instance_id = settings.instance_id(vllm_config)
         self.block_size = vllm_config.cache_config.block_size
         self.layerwise = settings.use_layerwise(vllm_config)
+        self.events = TierEvents() if settings.kv_events(vllm_config) else None
         self.rank, self.world_size = 0, 1
         self._engine: LMCacheEngine | None = None
         self._pins: PinTable | None = None
@@ -127,6 +130,7 @@ class WorkerConnector:
             self.world_size,
             self.rank,
             kv_dtype=settings.kv_dtype(self.vllm_config, cache.spec),
+            listener=self.events,
         )
         self._pins = PinTable(self._engine)
         self._server = RankServer(self, self.instance_id, self.rank)
@@ -258,6 +262,9 @@ class WorkerConnector:
             logger.exception("LMCache KV copy out of the paged cache failed; not cached")
             for _, reserved in planned:
                 self.engine.abort_chunks(reserved)
+                if self.events is not None:
+                    for chunk, _ in reserved:
+                        self.events.forget(chunk.key)
             return
         with self._lock:
             for spec, reserved in planned:
@@ -271,7 +278,14 @@ class WorkerConnector:
     def _plan_store(self, spec: StoreSpec, jobs: list[ChunkJob]) -> Reserved:
         """Reserve slots for the request's chunks this rank does not hold and queue their
         copies (a chunk another request of the step reserved is left to it)."""
-        reserved = self.engine.storage.reserve(self.engine.scheme.keys(spec.chunks))
+        chunks = self.engine.scheme.keys(spec.chunks)
+        reserved = self.engine.storage.reserve(chunks)
+        if self.events is not None:
+            described = dict(zip((c.key for c in chunks), spec.events, strict=False))
+            for chunk, _ in reserved:
+                event = described.get(chunk.key)
+                if event is not None:
+                    self.events.describe(chunk.key, event)
         if reserved:
             start = reserved[0][0].start
             end = reserved[-1][0].end
@@ -314,6 +328,10 @@ class WorkerConnector:
         for req_id in done:
             self.engine.storage.touch(self._stored_keys.pop(req_id, []))
         return done or None, None
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """KV events since the last step (none unless ``--kv-events-config`` is on)."""
+        return self.events.take() if self.events is not None else []
 
     def _transfer(self) -> PagedTransfer:
         if self.transfer is None:
