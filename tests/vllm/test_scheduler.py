@@ -412,3 +412,37 @@ def test_preemptions_reach_the_worker_through_vllms_own_wrapper(
     )
     rig.worker.handle_preemptions(LMCacheConnectorMetadata(preempted=["r9"]))
     assert seen == [["r9"]]
+
+
+def test_our_connector_class_reports_transfer_stats_to_vllms_logger(
+    rig_factory: RigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's periodic "KV Transfer metrics" line, fed the way vLLM feeds it: the worker's
+    stats travel in the step's output, the logger rebuilds them with our class."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging
+
+    rig: Rig = rig_factory(
+        connector="LMCacheKubeConnectorV1", module_path="lmcache.integration.vllm.connector"
+    )
+    seen: list[dict[str, object]] = []
+    real = rig.execute
+
+    def collect(output: object) -> object:
+        result = real(output)  # type: ignore[arg-type]
+        stats = result.kv_connector_output.kv_connector_stats  # type: ignore[attr-defined]
+        if stats is not None:
+            seen.append(stats.data)
+        return result
+
+    monkeypatch.setattr(rig, "execute", collect)
+    tokens = prompt(150)
+    serve_then_evict(rig, "r1", tokens)
+    rig.add("r2", tokens)
+    rig.run()
+    logging = KVConnectorLogging(rig.scheduler.vllm_config.kv_transfer_config)
+    for data in seen:
+        logging.observe(data)
+    lines: list[str] = []
+    logging.log(lambda fmt, *args: lines.append(fmt % args))
+    assert len(lines) == 1
+    assert "LMCache loaded tokens=149" in lines[0] and "LMCache stored tokens=150" in lines[0]

@@ -20,7 +20,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.lmcache_connector import LMCacheKVEvents
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
+from lmcache.integration.vllm.stats import TransferStats
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl
 
 if TYPE_CHECKING:
@@ -80,6 +82,15 @@ class LMCacheKubeConnectorV1(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._impl.get_block_ids_with_load_errors()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        return self._impl.take_stats()
+
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: dict[str, Any] | None = None
+    ) -> KVConnectorStats | None:
+        return TransferStats(data=data) if data is not None else TransferStats()
 
     def get_kv_connector_kv_cache_events(self) -> LMCacheKVEvents | None:
         """This rank's KV events of the step; vLLM's aggregator keeps those every rank saw."""

@@ -20,6 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata
 from lmcache.integration.vllm.scheduler import SchedulerConnector
+from lmcache.integration.vllm.stats import TransferStats
 from lmcache.integration.vllm.worker import WorkerConnector
 
 if TYPE_CHECKING:
@@ -116,6 +117,11 @@ class LMCacheConnectorV1Impl:
         ``BlockStored`` and cannot carry removals, so only stores are given to it (our own
         connector class, by module path, publishes both)."""
         return [e for e in self.worker.take_events() if isinstance(e, BlockStored)]
+
+    def take_stats(self) -> TransferStats | None:
+        """Transfer statistics of this worker since the last call; vLLM also asks the
+        scheduler side, which has none."""
+        return self._worker.take_stats() if self._worker is not None else None
 
     def take_kv_events(self) -> list[KVCacheEvent]:
         """Every KV event of this step (stores and removals)."""

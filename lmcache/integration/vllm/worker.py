@@ -33,6 +33,7 @@ from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata, LoadSpec
 from lmcache.integration.vllm.paged import ChunkJob, PagedKVCache, PagedTransfer, store_jobs
 from lmcache.integration.vllm.pins import PinTable
 from lmcache.integration.vllm.rpc import Answer, RankServer
+from lmcache.integration.vllm.stats import TransferStats
 from lmcache.keys import ChunkRange
 from lmcache.log import log_store
 from lmcache.memory.pool import ChunkBuffer
@@ -95,6 +96,7 @@ class WorkerConnector:
         self._finishing: set[str] = set()
         self._failed: set[str] = set()
         self._load_errors: set[int] = set()
+        self._stats = TransferStats()
 
     @property
     def engine(self) -> LMCacheEngine:
@@ -305,14 +307,17 @@ class WorkerConnector:
         now = time.perf_counter()
         for store in landed:
             try:
-                self.engine.storage.commit(store.reserved, now - store.issued)
+                stored = self.engine.storage.commit(store.reserved, now - store.issued)
             except Exception:
                 logger.exception("LMCache: publishing stores of %s failed", store.req_id)
+                stored = 0
+            self._stats.record_store(stored, sum(b.nbytes for _, b in store.reserved))
             with self._lock:
                 self._storing[store.req_id] -= 1
         for load in loads:
             nbytes = sum(b.nbytes for b in load.buffers)
             self.engine.metrics.retrieve(load.tokens, load.tokens, nbytes, now - load.issued)
+            self._stats.record_load(load.tokens, nbytes, now - load.issued)
             self.engine.storage.release_all(load.buffers)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
@@ -328,6 +333,13 @@ class WorkerConnector:
         for req_id in done:
             self.engine.storage.touch(self._stored_keys.pop(req_id, []))
         return done or None, None
+
+    def take_stats(self) -> TransferStats | None:
+        """Transfer statistics since the last call (None when nothing moved)."""
+        if self._stats.is_empty():
+            return None
+        stats, self._stats = self._stats, TransferStats()
+        return stats
 
     def take_events(self) -> list[KVCacheEvent]:
         """KV events since the last step (none unless ``--kv-events-config`` is on)."""
