@@ -60,6 +60,7 @@ class PinTable:
             self._engine.metrics.lookup(
                 chunks[-1].end - chunks[0].start, sum(c.num_tokens for c in chunks[: len(buffers)])
             )
+        self._gauge()
         return self._answer(record)
 
     def _stage(self, req_id: str, record: _Pinned, chunks: Sequence[ChunkRange]) -> None:
@@ -79,6 +80,7 @@ class PinTable:
                 record.staging = None
         if not current:  # released (or looked up again) meanwhile: the CPU cache keeps them
             self._engine.storage.release_all(loaded)
+        self._gauge()
 
     def status(self, req_id: str) -> Answer:
         with self._lock:
@@ -98,11 +100,10 @@ class PinTable:
         if record is None:
             return None
         n = len(keys)
-        if record.keys[:n] != list(keys):
-            self._engine.storage.release_all(record.buffers)
-            return None
-        self._engine.storage.release_all(record.buffers[n:])
-        return record.buffers[:n]
+        taken = record.buffers[:n] if record.keys[:n] == list(keys) else None
+        self._engine.storage.release_all(record.buffers[n:] if taken else record.buffers)
+        self._gauge()
+        return taken
 
     def release(self, req_id: str) -> None:
         """Unpin a request's chunks (a staging job still running releases its own)."""
@@ -110,6 +111,10 @@ class PinTable:
             record = self._pinned.pop(req_id, None)
         if record is not None:
             self._engine.storage.release_all(record.buffers)
+            self._gauge()
+
+    def _gauge(self) -> None:
+        self._engine.metrics.pinned(len(self))
 
     def __len__(self) -> int:
         """Chunks pinned for requests (tests and gauges)."""
