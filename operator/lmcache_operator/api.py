@@ -21,7 +21,12 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "lmcache-operator"
 PART_OF = "lmcache-kube"
 ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
+# The identity and version of the Secret a pod reads its Valkey password from at start.
+ANNOTATION_SECRET_HASH = f"{GROUP}/secret-hash"
 
 # Where the projected LMCache config lands inside the vLLM container.
 CONFIG_DIR = "/etc/lmcache"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
+HUGEPAGES_DIR = "/dev/hugepages"
+# Volume names the operator gives the vLLM pod; spec.volumes may not reuse them.
+VLLM_VOLUMES = ("lmcache-config", "dshm", "hugepages", "lmcache-disk", "model-cache")

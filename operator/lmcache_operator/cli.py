@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 
 from lmcache_operator import handlers
 from lmcache_operator.controller import Controller
-from lmcache_operator.kube import Cache, KubeCluster
+from lmcache_operator.kube import Cache, KubeCluster, Nodes
 from lmcache_operator.leader import LeaseElector
 from lmcache_operator.reconcile import Reconciler
 
@@ -68,6 +68,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=9090,
         help="serve Prometheus /metrics on this port (0 = off; default 9090)",
     )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds an API request may wait for an answer (connect: at most 5); a frozen "
+        "API server fails the request instead of hanging a worker (default 30)",
+    )
+    p.add_argument(
+        "--reconcile-timeout",
+        type=float,
+        default=300.0,
+        help="/healthz fails while a reconcile has run longer than this (default 300)",
+    )
+    p.add_argument(
+        "--api-timeout",
+        type=float,
+        default=120.0,
+        help="/healthz fails while the API server has not answered any request for this "
+        "long (default 120): a restart gets fresh connections",
+    )
+    p.add_argument(
+        "--read-nodes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="watch Nodes for the Schedulable condition and status.sizing (needs list/watch "
+        "on nodes; --no-read-nodes makes Schedulable Unknown)",
+    )
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
     p.add_argument(
@@ -91,12 +118,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
+    for flag in ("request_timeout", "reconcile_timeout", "api_timeout"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be > 0")
     return args
 
 
 def api_client(kubeconfig: str | None) -> k8s.ApiClient:
     """kubeconfig when one is named (or in $KUBECONFIG), else in-cluster, else ~/.kube/config."""
     cfg = k8s.Configuration()
+    # No transport-level retries: a request that times out fails once, within its deadline,
+    # and the work queue retries the reconcile with backoff.
+    cfg.retries = False
     if kubeconfig or os.environ.get("KUBECONFIG"):
         k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     else:
@@ -137,16 +170,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # every /healthz probe
     cache = Cache()
+    nodes = Nodes() if args.read_nodes else None
     client = api_client(args.kubeconfig)
     client.user_agent = "lmcache-operator/0.1.0"
-    cluster = KubeCluster(client, cache)
+    cluster = KubeCluster(client, cache, nodes, timeout=args.request_timeout)
     elector = None
     if args.leader_election:
         lease_ns = args.leader_election_namespace or (args.namespace or ["default"])[0]
         elector = LeaseElector(cluster, lease_ns, args.leader_election_name, args.identity)
-    controller = Controller(Reconciler(cluster), cache, args.workers, args.resync_seconds, elector)
+    controller = Controller(
+        Reconciler(cluster),
+        cache,
+        args.workers,
+        args.resync_seconds,
+        elector,
+        nodes=nodes,
+        reconcile_timeout=args.reconcile_timeout,
+        api_timeout=args.api_timeout,
+        api_silence=cluster.unanswered_for,
+    )
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, controller, lambda: connection_info(client.configuration))
+    handlers.register(
+        registry,
+        controller,
+        lambda: connection_info(client.configuration),
+        request_timeout=args.request_timeout,
+    )
     if args.metrics_port:
         start_http_server(args.metrics_port)
     log.info("watching %s", ", ".join(args.namespace) if args.namespace else "all namespaces")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lmcache_operator import api, metrics
-from lmcache_operator.kube import Cache
+from lmcache_operator.kube import Cache, Nodes
 from lmcache_operator.leader import LeaseElector
 from lmcache_operator.reconcile import Reconciler
 from lmcache_operator.workqueue import WorkQueue
@@ -55,16 +55,47 @@ class Controller:
         workers: int = 4,
         resync: float = 60.0,
         elector: LeaseElector | None = None,
+        nodes: Nodes | None = None,
+        reconcile_timeout: float = 300.0,
+        api_timeout: float = 120.0,
+        api_silence: Callable[[], float] = lambda: 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.reconciler = reconciler
         self.cache = cache
+        self.nodes = nodes
         self.workers = workers
         self.resync = resync
         self.elector = elector
+        self.reconcile_timeout = reconcile_timeout
+        self.api_timeout = api_timeout
+        self._api_silence = api_silence
+        self._clock = clock
         self.queue: WorkQueue[Key] = WorkQueue()
         self.leading = asyncio.Event()
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="reconcile")
         self._tasks: list[asyncio.Task[None]] = []
+        self._running: dict[Key, float] = {}  # in-flight reconciles and when they started
+
+    def health(self) -> str | None:
+        """Why this process should be restarted, or None: a reconcile stuck past its
+        deadline (a worker that will never come back), or an API server that has not
+        answered any request for `api_timeout` seconds (connections that will never
+        recover by themselves)."""
+        now = self._clock()
+        for (ns, name), started in list(self._running.items()):
+            if now - started > self.reconcile_timeout:
+                return (
+                    f"the reconcile of {ns}/{name} has run for {now - started:.0f}s "
+                    f"(limit {self.reconcile_timeout:.0f}s)"
+                )
+        silence = self._api_silence()
+        if silence > self.api_timeout:
+            return (
+                f"the API server has not answered for {silence:.0f}s "
+                f"(limit {self.api_timeout:.0f}s)"
+            )
+        return None
 
     async def start(self) -> None:
         if self.elector is None:
@@ -120,13 +151,28 @@ class Controller:
             log.warning("lost the leader lease: reconciles paused")
             self.leading.clear()
 
+    def observe_node(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """Nodes are parsed once per change; a reconcile then only compares numbers."""
+        if self.nodes is None:
+            return
+        if event_type == "DELETED":
+            self.nodes.drop(body)
+        else:
+            self.nodes.put(body)
+
     async def _elect(self) -> None:
-        assert self.elector is not None
+        """Renew every retry period; leadership ends at the renew deadline even while a
+        renewal is still hanging, not when it finally returns."""
+        elector = self.elector
+        assert elector is not None
         loop = asyncio.get_running_loop()
         while True:
-            held = await loop.run_in_executor(None, self.elector.try_acquire)
-            self._lead(held)
-            await asyncio.sleep(self.elector.duration / 3)  # the renew period
+            renewal = loop.run_in_executor(None, elector.try_acquire)
+            while not renewal.done():
+                await asyncio.wait({renewal}, timeout=0.5)
+                self._lead(elector.leading())
+            self._lead(renewal.result())
+            await asyncio.sleep(elector.retry_period)
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -134,7 +180,7 @@ class Controller:
             key = await self.queue.get()
             try:
                 await self.leading.wait()
-                started = time.monotonic()
+                started = self._running[key] = self._clock()
                 try:
                     exists = await loop.run_in_executor(
                         self._executor, self.reconciler.reconcile, *key
@@ -149,6 +195,7 @@ class Controller:
                     if exists:
                         self.queue.add_after(key, self.resync)
                 finally:
-                    metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+                    self._running.pop(key, None)
+                    metrics.RECONCILE_SECONDS.observe(self._clock() - started)
             finally:
                 self.queue.done(key)

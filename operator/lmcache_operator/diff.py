@@ -30,8 +30,28 @@ def _zero(value: Any) -> bool:
     return value in (None, False, 0, "", {}, [])
 
 
+def _identity(item: Any) -> Any:
+    """The merge key server-side apply uses for an item of a list-map (containers, env,
+    volumes, ports, mounts...), or None for items of atomic lists (args, tolerations)."""
+    if not isinstance(item, Mapping):
+        return None
+    if "mountPath" in item:
+        return ("mountPath", item["mountPath"])
+    if "containerPort" in item:
+        return ("containerPort", item["containerPort"], item.get("protocol", "TCP"))
+    if "port" in item and "targetPort" in item:
+        return ("port", item["port"], item.get("protocol", "TCP"))
+    if "name" in item:
+        return ("name", item["name"])
+    return None
+
+
 def contains(live: Any, desired: Any) -> bool:
-    """True when every field set in `desired` has the same value in `live`."""
+    """True when every field set in `desired` has the same value in `live`.
+
+    Items of list-maps are matched by their key, so items another field manager added (a
+    sidecar injected by a webhook, an env var set by a policy engine) are tolerated, as
+    server-side apply itself keeps them; atomic lists must match exactly."""
     if isinstance(desired, Mapping):
         if not isinstance(live, Mapping):
             return live is None and all(_zero(v) for v in desired.values())
@@ -39,6 +59,12 @@ def contains(live: Any, desired: Any) -> bool:
     if isinstance(desired, list):
         if not isinstance(live, list):
             return live is None and not desired
+        keys = [_identity(d) for d in desired]
+        if desired and all(k is not None for k in keys):
+            by_key = {_identity(item): item for item in live}
+            return all(
+                k in by_key and contains(by_key[k], d) for k, d in zip(keys, desired, strict=True)
+            )
         return len(live) == len(desired) and all(map(contains, live, desired))
     if live is None:
         return _zero(desired)

@@ -16,11 +16,15 @@ from lmcache_operator import api
 from lmcache_operator.controller import Controller
 from lmcache_operator.kube import CHILD_KINDS, PLURALS
 
+# Seconds the API server keeps one watch request open (kopf then starts a new one).
+WATCH_SECONDS = 300
+
 
 def register(
     registry: kopf.OperatorRegistry,
     controller: Controller,
     login: Callable[[], kopf.ConnectionInfo] | None = None,
+    request_timeout: float = 30.0,
 ) -> None:
     """`login` gives kopf the credentials the reconciler's client uses, so both always talk
     to the same cluster as the same user."""
@@ -36,6 +40,13 @@ def register(
         # Serve the CRD and namespaces known at start-up; watching CRDs and namespaces for
         # changes would need cluster-wide RBAC on both, for no use to this operator.
         settings.scanning.disabled = True
+        # A watch on a half-open connection would wait forever for its next event: the
+        # server ends each watch after server_timeout, and the client gives up a little later.
+        settings.watching.connect_timeout = min(5.0, request_timeout)
+        settings.watching.server_timeout = WATCH_SECONDS
+        settings.watching.client_timeout = WATCH_SECONDS + request_timeout
+        settings.networking.connect_timeout = min(5.0, request_timeout)
+        settings.networking.request_timeout = request_timeout
         await controller.start()
 
     @kopf.on.cleanup(registry=registry)
@@ -76,6 +87,26 @@ def register(
         )
         index(cache_child)
         watch(child_event)
+
+    if controller.nodes is not None:
+        # kopf calls index handlers for every listed and changed object before any other
+        # handler (so the first reconciles see every node), but not for deletions.
+
+        @kopf.index(group="", version="v1", plural="nodes", id="cache-node", registry=registry)
+        async def cache_node(body: kopf.Body, **_: Any) -> None:
+            controller.observe_node("MODIFIED", body)
+
+        @kopf.on.event(group="", version="v1", plural="nodes", id="watch-node", registry=registry)
+        async def node_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+            if event.get("type") == "DELETED":
+                controller.observe_node("DELETED", body)
+
+    @kopf.on.probe(id="healthy", registry=registry)
+    def healthy(**_: Any) -> bool:
+        # A PermanentError fails the probe at once (kopf answers 500), with no retries.
+        if problem := controller.health():
+            raise kopf.PermanentError(problem)
+        return True
 
     @kopf.on.probe(id="leading", registry=registry)
     def leading(**_: Any) -> bool:

@@ -16,14 +16,17 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Protocol, TypeVar
 
+import urllib3
 from kubernetes import client as k8s
 
-from lmcache_operator import api
+from lmcache_operator import api, metrics
+from lmcache_operator.capacity import Node
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Body = dict[str, Any]
+Key = tuple[str, str, str, str]
 
 # apiVersion/kind → plural, for the kinds the operator touches.
 PLURALS = {
@@ -38,20 +41,25 @@ PLURALS = {
     ("coordination.k8s.io/v1", "Lease"): "leases",
     (api.API_VERSION, api.KIND): api.PLURAL,
 }
+# Watched and cached. Secrets are not: the operator creates its generated password once and
+# reads only metadata, so it needs no list/watch on Secrets (which RBAC cannot narrow by label).
 CHILD_KINDS = [
     ("v1", "ConfigMap"),
-    ("v1", "Secret"),
     ("v1", "Service"),
     ("apps/v1", "Deployment"),
     ("apps/v1", "StatefulSet"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
 ]
 RETRIED = {409, 429, 500, 502, 503, 504}
+PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 class ApiError(Exception):
+    """The API server answered with an error, or (status 0) did not answer in time."""
+
     def __init__(self, status: int, method: str, path: str, detail: str) -> None:
-        super().__init__(f"{method} {path}: HTTP {status}: {detail}")
+        what = f"HTTP {status}" if status else "no answer"
+        super().__init__(f"{method} {path}: {what}: {detail}")
         self.status = status
         self.detail = detail
 
@@ -72,7 +80,7 @@ def path(api_version: str, kind: str, namespace: str | None, name: str | None = 
     return f"{prefix}{ns}/{PLURALS[(api_version, kind)]}{tail}"
 
 
-def key_of(body: Mapping[str, Any]) -> tuple[str, str, str, str]:
+def key_of(body: Mapping[str, Any]) -> Key:
     meta = body["metadata"]
     return (body["apiVersion"], body["kind"], meta.get("namespace", ""), meta["name"])
 
@@ -92,7 +100,11 @@ class Cluster(Protocol):
 
     def event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None: ...
 
-    def nodes(self) -> list[Body] | None: ...
+    def nodes(self) -> list[Node] | None: ...
+
+    def secret_metadata(self, namespace: str, name: str) -> Body | None: ...
+
+    def create(self, manifest: Body) -> Body | None: ...
 
 
 class Cache:
@@ -104,35 +116,72 @@ class Cache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._items: dict[tuple[str, str, str, str], Body] = {}
+        self._items: dict[Key, Body] = {}
+        self._by_owner: dict[str, set[Key]] = {}  # owner uid -> keys, for pruning
 
     def put(self, body: Mapping[str, Any]) -> None:
         """Stores a copy without managedFields: often most of an object, and never compared."""
         stored = dict(body)
         stored["metadata"] = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
+        key = key_of(stored)
         with self._lock:
-            self._items[key_of(stored)] = stored
+            self._unindex(key)
+            self._items[key] = stored
+            for uid in _owner_uids(stored):
+                self._by_owner.setdefault(uid, set()).add(key)
 
     def drop(self, body: Mapping[str, Any]) -> None:
+        key = key_of(body)
         with self._lock:
-            self._items.pop(key_of(body), None)
+            self._unindex(key)
+            self._items.pop(key, None)
 
-    def get(self, key: tuple[str, str, str, str]) -> Body | None:
+    def _unindex(self, key: Key) -> None:
+        old = self._items.get(key)
+        for uid in _owner_uids(old) if old else ():
+            keys = self._by_owner.get(uid)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_owner[uid]
+
+    def get(self, key: Key) -> Body | None:
         with self._lock:
             return self._items.get(key)
 
     def owned(self, uid: str) -> list[Body]:
+        """Objects with an owner reference to `uid`: an index lookup, not a scan."""
         with self._lock:
-            items = list(self._items.values())
-        return [
-            b
-            for b in items
-            if any(r.get("uid") == uid for r in b["metadata"].get("ownerReferences") or [])
-        ]
+            return [self._items[k] for k in self._by_owner.get(uid, ())]
 
     def keys(self, api_version: str, kind: str) -> list[tuple[str, str]]:
         with self._lock:
             return [(k[2], k[3]) for k in self._items if k[:2] == (api_version, kind)]
+
+
+def _owner_uids(body: Mapping[str, Any]) -> list[str]:
+    return [r["uid"] for r in body["metadata"].get("ownerReferences") or [] if r.get("uid")]
+
+
+class Nodes:
+    """Every Node, parsed once per watch event for the capacity check (see capacity.py)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[str, Node] = {}
+
+    def put(self, body: Mapping[str, Any]) -> None:
+        node = Node.of(body)
+        with self._lock:
+            self._items[node.name] = node
+
+    def drop(self, body: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._items.pop(body["metadata"]["name"], None)
+
+    def items(self) -> list[Node]:
+        with self._lock:
+            return list(self._items.values())
 
 
 def retrying(fn: Callable[[], T], attempts: int = 5, first_delay: float = 0.2) -> T:
@@ -151,15 +200,35 @@ def retrying(fn: Callable[[], T], attempts: int = 5, first_delay: float = 0.2) -
 
 
 class KubeCluster:
-    """`Cluster` over the official client's transport (auth, TLS, proxies from kubeconfig)."""
+    """`Cluster` over the official client's transport (auth, TLS, proxies from kubeconfig).
 
-    def __init__(self, api_client: k8s.ApiClient, cache: Cache, node_ttl: float = 30.0) -> None:
+    Every request has a deadline: a half-open connection (a frozen API server, a dead load
+    balancer) fails the request after `timeout` seconds instead of hanging a worker forever.
+    The time of the last answer feeds the liveness probe.
+    """
+
+    def __init__(
+        self,
+        api_client: k8s.ApiClient,
+        cache: Cache,
+        nodes: Nodes | None = None,
+        timeout: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.api = api_client
         self.cache = cache
+        self.node_store = nodes  # None: nodes are not watched (no RBAC for them)
         self.identity = socket.gethostname()
-        self._node_ttl = node_ttl
-        self._nodes: tuple[float, list[Body] | None] = (-node_ttl, None)
-        self._nodes_lock = threading.Lock()  # workers starting together list nodes once
+        self.timeout = timeout
+        self._clock = clock
+        self._last_answer = clock()
+        self._unanswered_since: float | None = None
+
+    def unanswered_for(self) -> float:
+        """Seconds since the API server last answered, while the latest request went
+        unanswered; 0 when the latest request got an answer (even an error)."""
+        since = self._unanswered_since
+        return 0.0 if since is None else self._clock() - self._last_answer
 
     def request(
         self,
@@ -168,8 +237,12 @@ class KubeCluster:
         body: Any = None,
         query: Iterable[tuple[str, str]] = (),
         content_type: str = "application/json",
+        accept: str = "application/json",
+        timeout: float | None = None,
     ) -> Body:
-        headers = {"Accept": "application/json"}
+        """One HTTP request; `timeout` (default the cluster's) bounds the connect and each read."""
+        limit = timeout or self.timeout
+        headers = {"Accept": accept}
         if body is not None:
             headers["Content-Type"] = content_type  # the client JSON-encodes dicts for all three
         m, url, hdrs, data, _ = self.api.param_serialize(
@@ -180,8 +253,23 @@ class KubeCluster:
             body=body,
             auth_settings=["BearerToken"],
         )
-        resp = self.api.call_api(m, url, header_params=hdrs, body=data)
-        resp.read()
+        try:
+            resp = self.api.call_api(
+                m,
+                url,
+                header_params=hdrs,
+                body=data,
+                _request_timeout=(min(5.0, limit), limit),
+            )
+            resp.read()
+        except urllib3.exceptions.HTTPError as e:  # timeouts, refused or reset connections
+            metrics.API_REQUESTS.labels(code="none").inc()
+            if self._unanswered_since is None:
+                self._unanswered_since = self._clock()
+            raise ApiError(0, method, url_path, f"{type(e).__name__}: {e}") from None
+        self._last_answer = self._clock()
+        self._unanswered_since = None
+        metrics.API_REQUESTS.labels(code=str(resp.status)).inc()
         text = (resp.data or b"").decode(errors="replace")
         if not 200 <= resp.status < 300:
             try:
@@ -267,16 +355,31 @@ class KubeCluster:
         except ApiError as e:  # an Event is a courtesy; never fail a reconcile over one
             log.warning("could not post event %s: %s", reason, e)
 
-    def nodes(self) -> list[Body] | None:
-        """Nodes, listed at most once per TTL; None when they cannot be read (e.g. RBAC)."""
-        with self._nodes_lock:
-            fetched_at, items = self._nodes
-            if time.monotonic() - fetched_at < self._node_ttl:
-                return items
-            try:
-                items = self.request("GET", path("v1", "Node", None)).get("items", [])
-            except ApiError as e:
-                log.warning("cannot list nodes: %s", e)
-                items = None
-            self._nodes = (time.monotonic(), items)
-            return items
+    def nodes(self) -> list[Node] | None:
+        """The watched nodes; None when nodes are not watched (the capacity is Unknown)."""
+        return None if self.node_store is None else self.node_store.items()
+
+    def secret_metadata(self, namespace: str, name: str) -> Body | None:
+        """A Secret's metadata only (PartialObjectMetadata): the operator never needs, and so
+        never receives, the data of a Secret."""
+        try:
+            return retrying(
+                lambda: self.request(
+                    "GET", path("v1", "Secret", namespace, name), accept=PARTIAL_METADATA
+                )
+            )
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def create(self, manifest: Body) -> Body | None:
+        """POST; None when the object already exists (409), which is never overwritten."""
+        meta = manifest["metadata"]
+        url = path(manifest["apiVersion"], manifest["kind"], meta["namespace"])
+        try:
+            return self.request("POST", url, manifest)
+        except ApiError as e:
+            if e.status == 409:
+                return None
+            raise

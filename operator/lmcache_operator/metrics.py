@@ -21,3 +21,9 @@ STATUS_PATCHES = Counter(
 )
 QUEUE_DEPTH = Gauge("lmcache_operator_queue_depth", "Deployments waiting to be reconciled")
 LEADER = Gauge("lmcache_operator_leader", "1 while this replica holds the leader lease")
+API_REQUESTS = Counter(
+    "lmcache_operator_api_requests_total",
+    "Requests to the API server by the reconciler and leader election, by HTTP status "
+    '("none": no answer within --request-timeout)',
+    ["code"],
+)

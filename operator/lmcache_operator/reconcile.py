@@ -4,7 +4,6 @@ publish status. Level-triggered and idempotent: it reads the world, not the even
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,7 +12,7 @@ from lmcache_operator import api, capacity, diff, metrics, status
 from lmcache_operator import spec as spec_mod
 from lmcache_operator.kube import CHILD_KINDS, ApiError, Body, Cluster, key_of, now_rfc3339
 from lmcache_operator.render import bundle, valkey
-from lmcache_operator.render.common import VLLM, Owner, selector
+from lmcache_operator.render.common import VLLM, Owner, selector, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +23,10 @@ class ReconcileError(Exception):
 
 class OwnershipConflict(Exception):
     """A child's name is taken by an object this deployment does not control."""
+
+
+class SecretMissing(Exception):
+    """The Secret with the remote tier's password is missing, and must not be made up."""
 
 
 def label_selector(owner: Owner) -> str:
@@ -62,52 +65,90 @@ class Reconciler:
             )
             metrics.INVALID.inc()
             return True
-        rendered = bundle.render(spec, owner, self._valkey_password(spec, owner))
-        apply_error = None
+        blocked = None
+        rendered: bundle.Bundle | None = None
         try:
-            self._apply(body, owner, rendered)
+            rendered = bundle.render(spec, owner, self._secret_hash(spec, owner))
+            self._apply(body, spec, owner, rendered)
         except ApiError as e:
             if e.namespace_terminating:
                 return False  # the namespace is going; its deletion removes this object too
-            apply_error = str(e)
+            blocked = ("ApplyFailed", str(e))
         except OwnershipConflict as e:
-            apply_error = str(e)
+            blocked = ("ApplyFailed", str(e))
+        except SecretMissing as e:
+            blocked = ("SecretMissing", str(e))
+        verdict = self._capacity(spec)
         self._publish(
             body,
             status.Observed(
                 generation=body["metadata"].get("generation", 0),
                 replicas=spec.replicas,
-                apply_error=apply_error,
+                blocked=blocked,
+                engine_image=spec.image.ref,
                 deployment=self._get("apps/v1", "Deployment", owner, owner.name),
                 valkey_enabled=spec.valkey.enabled,
                 valkey=self._get("apps/v1", "StatefulSet", owner, owner.child("valkey"))
                 if spec.valkey.enabled
                 else None,
                 remote_url=spec.remote.url,
-                capacity=self._capacity(spec),
-                config_hash=rendered.config_hash,
-                valkey_endpoint=rendered.valkey_endpoint,
+                capacity=verdict,
+                sizing=status.sizing(spec, verdict),
+                config_hash=rendered.config_hash if rendered else None,
+                valkey_endpoint=bundle.valkey_endpoint(spec, owner),
                 selector=label_selector(owner),
             ),
         )
-        if apply_error:
-            raise ReconcileError(apply_error)
+        if blocked:
+            raise ReconcileError(blocked[1])
         return True
 
     def _get(self, api_version: str, kind: str, owner: Owner, name: str) -> Body | None:
         return self.cluster.get(api_version, kind, owner.namespace, name)
 
-    def _valkey_password(self, spec: spec_mod.Spec, owner: Owner) -> str | None:
-        """The stored generated password, or a new one the first time: never rotated."""
-        if not valkey.generated_secret_needed(spec):
-            return None
-        live = self._get("v1", "Secret", owner, valkey.secret_name(owner)) or {}
-        stored = (live.get("data") or {}).get(spec.valkey.auth.password_key)
-        return base64.b64decode(stored).decode() if stored else valkey.new_password()
+    def _secret_hash(self, spec: spec_mod.Spec, owner: Owner) -> str | None:
+        """The identity and version (uid, resourceVersion) of the Secret the pods read the
+        remote tier's password from at start, so that a new password rolls them.
 
-    def _apply(self, body: Body, owner: Owner, rendered: bundle.Bundle) -> None:
+        The generated password is created once (a 409 means it exists) and never read back:
+        only metadata is fetched. If it disappears while the Valkey StatefulSet exists, a new
+        one would split the running server's password from its clients', so nothing is
+        regenerated and nothing is applied until a human decides (`SecretMissing`).
+        """
+        name = valkey.remote_secret(spec, owner)
+        if name is None:
+            return None
+        meta = self.cluster.secret_metadata(owner.namespace, name)
+        if meta is None and valkey.generated_secret_needed(spec):
+            server = self._get("apps/v1", "StatefulSet", owner, owner.child("valkey"))
+            if server is not None:
+                raise SecretMissing(
+                    f"Secret {name} (the generated Valkey password) was deleted while "
+                    f"StatefulSet {server['metadata']['name']} still runs with it; recreate "
+                    "it with the old password, or delete that StatefulSet to start over "
+                    "with a new one (its cache is lost)"
+                )
+            secret = valkey.password_secret(spec, owner, valkey.new_password())
+            meta = self.cluster.create(secret) or self.cluster.secret_metadata(
+                owner.namespace, name
+            )
+        if meta is None:
+            source = (
+                "valkey.auth.existingSecret"
+                if spec.valkey.enabled
+                else "remote.credentialsSecretRef.name"
+            )
+            raise SecretMissing(f"Secret {name} ({source}) not found; create it, or fix the name")
+        return stable_hash([meta["metadata"]["uid"], meta["metadata"]["resourceVersion"]])
+
+    def _apply(
+        self, body: Body, spec: spec_mod.Spec, owner: Owner, rendered: bundle.Bundle
+    ) -> None:
         changed: list[str] = []
         wanted = set()
+        server = self._get("apps/v1", "StatefulSet", owner, owner.child("valkey"))
+        # The live server reads the generated password: it exists, and goes when unneeded.
+        generated = server is not None and valkey.secret_name(owner) in valkey.secret_refs(server)
         try:
             for manifest in rendered.manifests:
                 desired = diff.with_applied_hash(manifest)
@@ -125,6 +166,8 @@ class Reconciler:
                 metrics.APPLIES.labels(kind=kind).inc()
                 changed.append(f"{kind}/{name}")
             # Children we made for an earlier spec (say, Valkey since disabled) go away now.
+            # The generated password's Secret is not watched: it goes with the last server
+            # that read it.
             for child in self.cluster.owned(owner.uid):
                 key = key_of(child)
                 if (
@@ -134,6 +177,9 @@ class Reconciler:
                 ):
                     self.cluster.delete(*key)
                     changed.append(f"deleted {key[1]}/{key[3]}")
+            if generated and not valkey.generated_secret_needed(spec):
+                self.cluster.delete("v1", "Secret", owner.namespace, valkey.secret_name(owner))
+                changed.append(f"deleted Secret/{valkey.secret_name(owner)}")
         finally:
             if changed:
                 log.info("%s/%s: %s", owner.namespace, owner.name, ", ".join(changed))

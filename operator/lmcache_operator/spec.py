@@ -16,6 +16,10 @@ from lmcache_operator import api, quantity
 
 T = TypeVar("T")
 
+DEFAULT_MEMORY_BASE = 8 * quantity.GIB
+DEFAULT_MEMORY_PER_RANK = 8 * quantity.GIB
+DEFAULT_SHM_PER_RANK = quantity.GIB
+
 
 class SpecError(ValueError):
     """A spec field with the wrong type: names the field and what is allowed."""
@@ -79,6 +83,7 @@ class Vllm:
     gpu_memory_utilization: float = 0.9
     extra_args: tuple[str, ...] = ()
     env: tuple[Mapping[str, Any], ...] = ()
+    startup_timeout_seconds: int = 1800
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,37 @@ class Resources:
     gpus: int | None = None
     gpu_resource_name: str = "nvidia.com/gpu"
     cpu: str = "4"
-    memory: str = "16Gi"
+    memory: str | None = None  # None: DEFAULT_MEMORY_BASE + DEFAULT_MEMORY_PER_RANK x TP
+    shm_size: str | None = None  # None: DEFAULT_SHM_PER_RANK x TP
+    ephemeral_storage: str = "10Gi"
+
+
+@dataclass(frozen=True)
+class ModelCache:
+    """Where Hugging Face downloads land (HF_HOME): an emptyDir of `size` unless a per-pod
+    ephemeral PVC (`storage_class`) or an existing, possibly shared, claim is named."""
+
+    size: str = "50Gi"
+    storage_class: str | None = None
+    claim_name: str | None = None
+    path: str = "/var/cache/huggingface"
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class Strategy:
+    type: str = "RollingUpdate"
+    max_surge: int | str = 0
+    max_unavailable: int | str = 1
+
+
+@dataclass(frozen=True)
+class KvEvents:
+    """vLLM's KV-cache events (ZMQ PUB) for KV-aware routers; one publisher per pod."""
+
+    enabled: bool = False
+    port: int = 5557
+    topic: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,6 +198,10 @@ class Spec:
     valkey: Valkey = field(default_factory=Valkey)
     remote: Remote = field(default_factory=Remote)
     placement: Placement = field(default_factory=Placement)
+    model_cache: ModelCache = field(default_factory=ModelCache)
+    volumes: tuple[Mapping[str, Any], ...] = ()
+    volume_mounts: tuple[Mapping[str, Any], ...] = ()
+    strategy: Strategy = field(default_factory=Strategy)
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
     pod_labels: Mapping[str, str] = field(default_factory=dict)
     service_account_name: str | None = None
@@ -170,6 +209,7 @@ class Spec:
     service_port: int = 8000
     metrics_enabled: bool = True
     metrics_port: int = 9090
+    kv_events: KvEvents = field(default_factory=KvEvents)
 
     @property
     def gpus_per_pod(self) -> int:
@@ -181,9 +221,32 @@ class Spec:
         """vLLM starts one LMCache engine per TP rank, and LMCache sizes are per engine."""
         return self.vllm.tensor_parallel_size
 
+    @property
+    def vllm_memory(self) -> str:
+        """Memory for vLLM itself: the API server process plus one worker per TP rank."""
+        if self.resources.memory is not None:
+            return self.resources.memory
+        ranks = self.vllm.tensor_parallel_size
+        return quantity.format_binary(DEFAULT_MEMORY_BASE + DEFAULT_MEMORY_PER_RANK * ranks)
+
+    @property
+    def shm_size(self) -> str:
+        """/dev/shm (NCCL and vLLM's IPC between ranks): bounded, since it is pod memory."""
+        if self.resources.shm_size is not None:
+            return self.resources.shm_size
+        return quantity.format_binary(DEFAULT_SHM_PER_RANK * self.vllm.tensor_parallel_size)
+
 
 def _seq(raw: Mapping[str, Any], path: str, key: str) -> tuple[Any, ...]:
     return tuple(_get(raw, path, key, list, []))
+
+
+def _int_or_str(raw: Mapping[str, Any], path: str, key: str, default: int) -> int | str:
+    """A count or a percentage ("25%"), as a Deployment's rollingUpdate takes them."""
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise SpecError(f"spec.{path}{key}: expected an integer or a percentage, got {value!r}")
+    return value
 
 
 def parse(raw: Mapping[str, Any]) -> Spec:
@@ -205,6 +268,10 @@ def parse(raw: Mapping[str, Any]) -> Spec:
     creds = _obj(remote, "remote.", "credentialsSecretRef")
     service = _obj(raw, "", "service")
     metrics = _obj(raw, "", "metrics")
+    cache = _obj(raw, "", "modelCache")
+    strategy = _obj(raw, "", "strategy")
+    rolling = _obj(strategy, "strategy.", "rollingUpdate")
+    events = _obj(raw, "", "kvEvents")
     return Spec(
         model=model,
         served_model_name=_opt(raw, "", "servedModelName", str),
@@ -230,12 +297,15 @@ def parse(raw: Mapping[str, Any]) -> Spec:
             gpu_memory_utilization=_get(vllm, "vllm.", "gpuMemoryUtilization", float, 0.9),
             extra_args=tuple(str(a) for a in _seq(vllm, "vllm.", "extraArgs")),
             env=_seq(vllm, "vllm.", "env"),
+            startup_timeout_seconds=_get(vllm, "vllm.", "startupTimeoutSeconds", int, 1800),
         ),
         resources=Resources(
             gpus=_opt(res, "resources.", "gpus", int),
             gpu_resource_name=_get(res, "resources.", "gpuResourceName", str, "nvidia.com/gpu"),
             cpu=_quantity(res, "resources.", "cpu", "4") or "4",
-            memory=_quantity(res, "resources.", "memory", "16Gi") or "16Gi",
+            memory=_quantity(res, "resources.", "memory", None),
+            shm_size=_quantity(res, "resources.", "shmSize", None),
+            ephemeral_storage=_quantity(res, "resources.", "ephemeralStorage", "10Gi") or "10Gi",
         ),
         lmcache=Lmcache(
             chunk_size=_get(lmc, "lmcache.", "chunkSize", int, 256),
@@ -287,6 +357,20 @@ def parse(raw: Mapping[str, Any]) -> Spec:
             priority_class_name=_opt(raw, "", "priorityClassName", str),
             runtime_class_name=_opt(raw, "", "runtimeClassName", str),
         ),
+        model_cache=ModelCache(
+            size=_quantity(cache, "modelCache.", "size", "50Gi") or "50Gi",
+            storage_class=_opt(cache, "modelCache.", "storageClassName", str),
+            claim_name=_opt(cache, "modelCache.", "claimName", str),
+            path=_get(cache, "modelCache.", "path", str, "/var/cache/huggingface"),
+            read_only=_get(cache, "modelCache.", "readOnly", bool, False),
+        ),
+        volumes=_seq(raw, "", "volumes"),
+        volume_mounts=_seq(raw, "", "volumeMounts"),
+        strategy=Strategy(
+            type=_get(strategy, "strategy.", "type", str, "RollingUpdate"),
+            max_surge=_int_or_str(rolling, "strategy.rollingUpdate.", "maxSurge", 0),
+            max_unavailable=_int_or_str(rolling, "strategy.rollingUpdate.", "maxUnavailable", 1),
+        ),
         pod_annotations=_obj(raw, "", "podAnnotations"),
         pod_labels=_obj(raw, "", "podLabels"),
         service_account_name=_opt(raw, "", "serviceAccountName", str),
@@ -294,6 +378,11 @@ def parse(raw: Mapping[str, Any]) -> Spec:
         service_port=_get(service, "service.", "port", int, 8000),
         metrics_enabled=_get(metrics, "metrics.", "enabled", bool, True),
         metrics_port=_get(metrics, "metrics.", "port", int, 9090),
+        kv_events=KvEvents(
+            enabled=_get(events, "kvEvents.", "enabled", bool, False),
+            port=_get(events, "kvEvents.", "port", int, 5557),
+            topic=_get(events, "kvEvents.", "topic", str, ""),
+        ),
     )
 
 
@@ -323,6 +412,7 @@ MANAGED_VLLM_FLAGS = {
     "--served-model-name": "servedModelName",
     "--port": "service.port",
     "--host": "(set by the operator)",
+    "--kv-events-config": "kvEvents",
 }
 
 # vLLM flags that would change what the pod is sized for, or override any managed flag.
@@ -393,6 +483,7 @@ def problems(spec: Spec) -> list[str]:
         found.append(
             f"spec.lmcache.localDisk.path: {spec.lmcache.local_disk.path!r} must be absolute"
         )
+    found.extend(_volume_problems(spec))
     if spec.remote.url:
         found.extend(_remote_url_problems(spec.remote.url))
     if spec.valkey.enabled and spec.valkey.memory is not None:
@@ -403,6 +494,39 @@ def problems(spec: Spec) -> list[str]:
                 f"valkey.maxMemory {spec.valkey.max_memory} (the server needs headroom "
                 "above its data, or the kernel kills it instead of Valkey evicting)"
             )
+    return found
+
+
+def _volume_problems(spec: Spec) -> list[str]:
+    """Passthrough volumes must not shadow the operator's, and every mount needs a volume."""
+    found = []
+    managed_paths = {api.CONFIG_DIR, "/dev/shm", spec.model_cache.path}
+    if spec.lmcache.hugepages:
+        managed_paths.add(api.HUGEPAGES_DIR)
+    if spec.lmcache.local_disk.enabled:
+        managed_paths.add(spec.lmcache.local_disk.path)
+    names: set[str] = set()
+    for i, volume in enumerate(spec.volumes):
+        name = str(volume.get("name", ""))
+        if name in api.VLLM_VOLUMES:
+            found.append(
+                f"spec.volumes[{i}].name: {name} is the operator's; "
+                f"pick another name (reserved: {', '.join(api.VLLM_VOLUMES)})"
+            )
+        elif name in names:
+            found.append(f"spec.volumes[{i}].name: {name} is listed twice")
+        names.add(name)
+    paths: set[str] = set()
+    for i, mount in enumerate(spec.volume_mounts):
+        name, where = str(mount.get("name", "")), str(mount.get("mountPath", ""))
+        if name not in names:
+            found.append(f"spec.volumeMounts[{i}].name: no volume {name!r} in spec.volumes")
+        if where.rstrip("/") in managed_paths or where in paths:
+            found.append(
+                f"spec.volumeMounts[{i}].mountPath: {where} is already mounted "
+                f"(the operator mounts {', '.join(sorted(managed_paths))})"
+            )
+        paths.add(where)
     return found
 
 

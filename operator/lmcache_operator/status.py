@@ -11,26 +11,44 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lmcache_operator import quantity
 from lmcache_operator.capacity import Verdict
+from lmcache_operator.render import sizing as render_sizing
+from lmcache_operator.spec import Spec
 
 READY = "Ready"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
 CONFIG_VALID = "ConfigValid"
 VALKEY_READY = "ValkeyReady"
-HUGEPAGES_SCHEDULABLE = "HugepagesSchedulable"
-CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, CONFIG_VALID, VALKEY_READY, HUGEPAGES_SCHEDULABLE)
+SCHEDULABLE = "Schedulable"
+# kstatus' abnormal-true pair (Flux, Argo CD, `kubectl wait`, cli-utils read them): working
+# towards the spec, or stuck until someone acts.
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
+CONDITION_TYPES = (
+    READY,
+    PROGRESSING,
+    DEGRADED,
+    CONFIG_VALID,
+    VALKEY_READY,
+    SCHEDULABLE,
+    RECONCILING,
+    STALLED,
+)
 
 # Bad from the start: worth a Warning even on a new object (not Ready is just young).
-_BAD_AT_BIRTH = {DEGRADED, CONFIG_VALID, HUGEPAGES_SCHEDULABLE}
+_BAD_AT_BIRTH = {DEGRADED, CONFIG_VALID, SCHEDULABLE}
 # The status that calls for a human's attention, per condition type (Warning events).
 _BAD = {
     READY: "False",
     DEGRADED: "True",
     CONFIG_VALID: "False",
     VALKEY_READY: "False",
-    HUGEPAGES_SCHEDULABLE: "False",
+    SCHEDULABLE: "False",
 }
+# Conditions that only restate others: no Event of their own.
+_SILENT = {RECONCILING, STALLED}
 
 
 @dataclass(frozen=True)
@@ -48,7 +66,9 @@ class Observed:
     generation: int
     replicas: int
     config_error: str | None = None
-    apply_error: str | None = None
+    blocked: tuple[str, str] | None = None  # (reason, message): nothing could be applied
+    engine_image: str | None = None
+    sizing: Mapping[str, Any] | None = None
     deployment: Mapping[str, Any] | None = None
     valkey_enabled: bool = False
     valkey: Mapping[str, Any] | None = None
@@ -117,43 +137,59 @@ def _valkey(obs: Observed) -> Condition:
     return _c(VALKEY_READY, False, "NotReady", "the Valkey StatefulSet has no ready pod yet")
 
 
-def conditions(obs: Observed) -> list[Condition]:
-    """All six conditions, always present, so clients can rely on them."""
-    if obs.capacity is None:
-        capacity = Condition(
-            HUGEPAGES_SCHEDULABLE, "Unknown", "NodesUnknown", "node capacity could not be read"
-        )
-    else:
-        capacity = _c(
-            HUGEPAGES_SCHEDULABLE,
-            obs.capacity.fits,
-            "NodeAvailable" if obs.capacity.fits else "InsufficientCapacity",
-            obs.capacity.message,
-        )
+def _schedulable(obs: Observed) -> Condition:
     if obs.config_error:
+        return Condition(SCHEDULABLE, "Unknown", "InvalidSpec", "no pod shape from an invalid spec")
+    if obs.capacity is None:
+        return Condition(
+            SCHEDULABLE, "Unknown", "NodesUnknown", "nodes are not watched (no RBAC to read them)"
+        )
+    return _c(
+        SCHEDULABLE,
+        obs.capacity.fits,
+        "NodeAvailable" if obs.capacity.fits else "InsufficientCapacity",
+        obs.capacity.message,
+    )
+
+
+def _kstatus(ready: Condition, degraded: Condition) -> list[Condition]:
+    stalled = degraded.status == "True"
+    working = ready.status != "True" and not stalled
+    return [
+        _c(RECONCILING, working, ready.reason if working else "Idle", ready.message),
+        _c(STALLED, stalled, degraded.reason, degraded.message),
+    ]
+
+
+def conditions(obs: Observed) -> list[Condition]:
+    """All eight conditions, always present, so clients can rely on them."""
+    if obs.config_error:
+        ready = _c(READY, False, "InvalidSpec", "the spec is invalid; see ConfigValid")
+        degraded = _c(DEGRADED, True, "InvalidSpec", obs.config_error)
         return [
-            _c(READY, False, "InvalidSpec", "the spec is invalid; see ConfigValid"),
+            ready,
             _c(PROGRESSING, False, "InvalidSpec", "nothing is applied until the spec is fixed"),
-            _c(DEGRADED, True, "InvalidSpec", obs.config_error),
+            degraded,
             _c(CONFIG_VALID, False, "InvalidSpec", obs.config_error),
             _valkey(obs),
-            capacity,
+            _schedulable(obs),
+            *_kstatus(ready, degraded),
         ]
     valkey = _valkey(obs)
     settled, reason, message, failure = _rollout(obs)
-    if obs.apply_error:
-        degraded = _c(DEGRADED, True, "ApplyFailed", obs.apply_error)
+    if obs.blocked:
+        degraded = _c(DEGRADED, True, *obs.blocked)
     elif failure:
         degraded = _c(DEGRADED, True, failure, message)
     else:
         degraded = _c(DEGRADED, False, "AsExpected", "no failure observed")
-    ready_ok = settled and valkey.status == "True" and not obs.apply_error
+    ready_ok = settled and valkey.status == "True" and not obs.blocked
     if ready_ok:
         ready = _c(READY, True, "ScaledToZero" if obs.replicas == 0 else "Available", message)
     elif not settled:
         ready = _c(READY, False, reason, message)
-    elif obs.apply_error:
-        ready = _c(READY, False, "ApplyFailed", obs.apply_error)
+    elif obs.blocked:
+        ready = _c(READY, False, *obs.blocked)
     else:
         ready = _c(READY, False, "ValkeyNotReady", valkey.message)
     progressing = _c(
@@ -168,7 +204,8 @@ def conditions(obs: Observed) -> list[Condition]:
         degraded,
         _c(CONFIG_VALID, True, "Valid", "the spec is valid"),
         valkey,
-        capacity,
+        _schedulable(obs),
+        *_kstatus(ready, degraded),
     ]
 
 
@@ -222,9 +259,30 @@ def build(previous: Mapping[str, Any], obs: Observed, now: str) -> dict[str, Any
     }
     # None deletes the key in the merge patch; an invalid spec keeps the hash applied last.
     status["configHash"] = obs.config_hash or previous.get("configHash")
+    status["engineImage"] = obs.engine_image or previous.get("engineImage")
+    status["sizing"] = obs.sizing or previous.get("sizing")
     status["valkeyEndpoint"] = obs.valkey_endpoint
     status["selector"] = obs.selector
     return status
+
+
+def sizing(spec: Spec, verdict: Verdict | None) -> dict[str, Any]:
+    """What one pod requests, and how many such pods the eligible nodes' allocatable could
+    hold (an upper bound: other workloads are not subtracted)."""
+    out: dict[str, Any] = {
+        "gpusPerPod": spec.gpus_per_pod,
+        "memoryPerPod": quantity.format_binary(render_sizing.container_memory_bytes(spec)),
+        "hugepagesPerPod": quantity.format_binary(render_sizing.hugepages_per_pod(spec)),
+        "ephemeralStoragePerPod": quantity.format_binary(
+            render_sizing.ephemeral_storage_bytes(spec)
+        ),
+        "diskTierPerPod": quantity.format_binary(render_sizing.disk_tier_bytes(spec)),
+    }
+    if verdict is not None:
+        out["eligibleNodes"] = verdict.eligible_nodes
+        out["maxReplicas"] = verdict.max_replicas
+        out["additionalReplicas"] = max(0, verdict.max_replicas - spec.replicas)
+    return out
 
 
 def changed(previous: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
@@ -246,8 +304,9 @@ def transitions(previous: Mapping[str, Any], new: Mapping[str, Any]) -> list[Tra
     for cond in new.get("conditions") or []:
         old = before.get(cond["type"])
         bad = _BAD.get(cond["type"]) == cond["status"]
-        if cond["type"] == DEGRADED and cond["reason"] == "InvalidSpec":
-            continue  # ConfigValid already tells this story
+        restated = cond["type"] == DEGRADED and cond["reason"] == "InvalidSpec"
+        if cond["type"] in _SILENT or restated:
+            continue  # other conditions already tell this story
         born_bad = old is None and bad and cond["type"] in _BAD_AT_BIRTH
         if born_bad or (old is not None and old.get("status") != cond["status"]):
             out.append(

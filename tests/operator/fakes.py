@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 from lmcache_operator import api
+from lmcache_operator.capacity import Node
 from lmcache_operator.kube import ApiError, Body, key_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,16 +72,21 @@ def node(
     hugepages: str = "0",
     labels: dict[str, str] | None = None,
     unschedulable: bool = False,
+    taints: list[dict[str, str]] | None = None,
+    memory: str = "512Gi",
+    disk: str = "1Ti",
 ) -> Body:
     return {
         "metadata": {"name": name, "labels": labels or {}},
-        "spec": {"unschedulable": unschedulable},
+        "spec": {"unschedulable": unschedulable, "taints": taints or []},
         "status": {
             "allocatable": {
                 "nvidia.com/gpu": str(gpus),
                 "hugepages-2Mi": hugepages,
-                "memory": "512Gi",
+                "memory": memory,
                 "cpu": "64",
+                "ephemeral-storage": disk,
+                "pods": "110",
             }
         },
     }
@@ -120,6 +126,7 @@ class FakeCluster:
     def __init__(self, nodes: list[Body] | None = None) -> None:
         self.objects: dict[tuple[str, str, str, str], Body] = {}
         self.writes: list[tuple[str, str, str]] = []
+        self.reads: list[tuple[str, str, str]] = []
         self.events: list[tuple[str, str, str]] = []
         self.node_list = nodes
         self.fail_apply: dict[str, list[ApiError]] = {}  # by kind, raised once each
@@ -171,8 +178,25 @@ class FakeCluster:
     def event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         self.events.append((type_, reason, message))
 
-    def nodes(self) -> list[Body] | None:
-        return copy.deepcopy(self.node_list) if self.node_list is not None else None
+    def nodes(self) -> list[Node] | None:
+        return [Node.of(n) for n in self.node_list] if self.node_list is not None else None
+
+    def secret_metadata(self, namespace: str, name: str) -> Body | None:
+        found = self.objects.get(("v1", "Secret", namespace, name))
+        if found is None:
+            return None
+        self.reads.append(("metadata", "Secret", name))
+        return {"metadata": copy.deepcopy(found["metadata"])}
+
+    def create(self, manifest: Body) -> Body | None:
+        key = key_of(manifest)
+        if key in self.objects:
+            return None
+        new = copy.deepcopy(manifest)
+        new["metadata"].update(resourceVersion=str(next(self._rv)), uid=f"uid-{next(self._rv)}")
+        self.objects[key] = new
+        self.writes.append(("create", manifest["kind"], manifest["metadata"]["name"]))
+        return copy.deepcopy(new)
 
     # helpers for tests
     def add(self, body: Body) -> Body:

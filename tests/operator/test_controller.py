@@ -199,11 +199,14 @@ def test_failed_reconcile_is_retried_and_others_continue() -> None:
 class FlipElector:
     """Follower until `lead` is set; counts rounds so the test can wait on them."""
 
-    duration = 0.03
+    retry_period = 0.01
 
     def __init__(self) -> None:
         self.lead = False
         self.rounds = 0
+
+    def leading(self) -> bool:
+        return self.lead
 
     def try_acquire(self) -> bool:
         self.rounds += 1
@@ -238,3 +241,19 @@ def test_cache_drops_managed_fields() -> None:
     stored = cache.get(("apps/v1", "Deployment", "ml", "a"))
     assert stored is not None and "managedFields" not in stored["metadata"]
     assert "managedFields" in body["metadata"]  # the caller's object is untouched
+
+
+def test_cache_indexes_children_by_owner() -> None:
+    """Pruning asks for one owner's children: a lookup, not a scan of every cached object."""
+    cache = Cache()
+    cache.put(child("a"))
+    cache.put(child("a", kind="StatefulSet"))
+    cache.put(child("b"))
+    assert sorted(c["kind"] for c in cache.owned("u-a")) == ["Deployment", "StatefulSet"]
+    moved = child("a", kind="StatefulSet")
+    moved["metadata"]["ownerReferences"][0]["uid"] = "u-b"  # re-owned: re-indexed
+    cache.put(moved)
+    assert [c["kind"] for c in cache.owned("u-a")] == ["Deployment"]
+    cache.drop(child("a"))
+    assert cache.owned("u-a") == []
+    assert len(cache.owned("u-b")) == 2

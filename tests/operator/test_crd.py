@@ -70,6 +70,15 @@ def test_defaults_validate_against_their_own_schema() -> None:
             assert errors == [], f"{path}: default {node['default']!r}: {errors}"
 
 
+def test_no_engine_image_default_is_stored_in_objects() -> None:
+    """A default in the CRD is written into every object at creation, so an operator
+    upgrade would never move existing deployments to its new engine image."""
+    image = SPEC_SCHEMA["properties"]["image"]["properties"]
+    assert "default" not in image["repository"] and "default" not in image["tag"]
+    memory = SPEC_SCHEMA["properties"]["resources"]["properties"]["memory"]
+    assert "default" not in memory  # it depends on tensorParallelSize
+
+
 def test_python_defaults_equal_crd_defaults() -> None:
     """The reconciler sees the same spec whether or not the API server defaulted it."""
     bare = spec_mod.parse({"model": "m"})
@@ -168,6 +177,26 @@ BAD = {
         {"metrics": {"port": 8000}},
         "metrics.port must differ from service.port",
     ),
+    "kv events on the vllm port": (
+        {"kvEvents": {"enabled": True, "port": 8000}},
+        "kvEvents.port must differ from service.port and metrics.port",
+    ),
+    "kv events on the metrics port": (
+        {"kvEvents": {"enabled": True, "port": 9090}},
+        "kvEvents.port must differ from service.port and metrics.port",
+    ),
+    "model cache claim and class": (
+        {"modelCache": {"claimName": "c", "storageClassName": "s"}},
+        "modelCache.claimName and modelCache.storageClassName are exclusive",
+    ),
+    "recreate with rolling parameters": (
+        {"strategy": {"type": "Recreate", "rollingUpdate": {"maxSurge": 1}}},
+        "strategy.rollingUpdate is only for type RollingUpdate",
+    ),
+    "rollout that can never replace a pod": (
+        {"strategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": "0%"}}},
+        "maxSurge and maxUnavailable cannot both be 0",
+    ),
 }
 
 
@@ -186,6 +215,11 @@ def test_cel_refuses(case: str) -> None:
         {"lmcache": {"localDisk": {"enabled": False}}},
         {"valkey": {"enabled": False}, "remote": {"url": "redis://x:6379"}},
         {"metrics": {"enabled": False, "port": 8000}},
+        {"kvEvents": {"enabled": False, "port": 8000}},
+        {"kvEvents": {"enabled": True, "port": 9090}, "metrics": {"enabled": False}},
+        {"strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}},
+        {"strategy": {"rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "0%"}}},
+        {"strategy": {"type": "Recreate"}},
     ],
 )
 def test_cel_accepts(spec: dict[str, Any]) -> None:

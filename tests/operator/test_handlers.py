@@ -8,17 +8,19 @@ kopf calls them.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import kopf
+import pytest
 from lmcache_operator import api, cli, handlers
 from lmcache_operator.controller import Controller
-from lmcache_operator.kube import Cache
+from lmcache_operator.kube import Cache, Nodes
 
 
-def registered() -> tuple[kopf.OperatorRegistry, Controller]:
+def registered(nodes: Nodes | None = None) -> tuple[kopf.OperatorRegistry, Controller]:
     registry = kopf.OperatorRegistry()
-    controller = Controller(None, Cache())  # type: ignore[arg-type]
+    controller = Controller(None, Cache(), nodes=nodes)  # type: ignore[arg-type]
     handlers.register(registry, controller)
     return registry, controller
 
@@ -32,9 +34,9 @@ def test_watches_the_crd_and_only_labelled_children() -> None:
     children = {
         (h.selector.group, h.selector.plural) for i, h in watched.items() if i != "watch-owner"
     }
+    # Secrets are not watched: RBAC cannot narrow list/watch to labelled ones.
     assert children == {
         ("", "configmaps"),
-        ("", "secrets"),
         ("", "services"),
         ("apps", "deployments"),
         ("apps", "statefulsets"),
@@ -50,7 +52,6 @@ def test_children_are_indexed_so_the_cache_is_full_before_any_reconcile() -> Non
     indexers = {h.id: h for h in registry._indexing.get_all_handlers()}
     assert set(indexers) == {
         "cache-configmap",
-        "cache-secret",
         "cache-service",
         "cache-deployment",
         "cache-statefulset",
@@ -60,6 +61,36 @@ def test_children_are_indexed_so_the_cache_is_full_before_any_reconcile() -> Non
     asyncio.run(indexers["cache-configmap"].fn(body=kopf.Body(raw)))
     assert controller.cache.get(("v1", "ConfigMap", "ml", "c")) == raw
     assert len(controller.queue) == 0  # caching alone queues nothing
+
+
+def test_nodes_are_indexed_and_parsed_once_per_event_when_readable() -> None:
+    registry, controller = registered(Nodes())
+    indexers = {h.id: h for h in registry._indexing.get_all_handlers()}
+    watched = {h.id: h for h in registry._watching.get_all_handlers()}
+    assert (indexers["cache-node"].selector.plural, watched["watch-node"].selector.plural) == (
+        "nodes",
+        "nodes",
+    )
+    raw = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "n1", "labels": {"gpu": "yes"}},
+        "status": {"allocatable": {"nvidia.com/gpu": "8", "memory": "1Ti", "cpu": "96"}},
+    }
+    asyncio.run(indexers["cache-node"].fn(body=kopf.Body(raw)))
+    assert controller.nodes is not None
+    [node] = controller.nodes.items()
+    assert (node.name, node.allocatable["nvidia.com/gpu"], node.allocatable["cpu"]) == (
+        "n1",
+        8,
+        96000,
+    )
+    asyncio.run(watched["watch-node"].fn(event={"type": "DELETED"}, body=kopf.Body(raw)))
+    assert controller.nodes.items() == []
+    # Without RBAC on nodes (--no-read-nodes) nothing watches them.
+    registry, _ = registered(None)
+    assert not any(h.id.endswith("-node") for h in registry._watching.get_all_handlers())
+    assert not any(h.id.endswith("-node") for h in registry._indexing.get_all_handlers())
 
 
 def test_no_handler_needs_a_finalizer_or_writes_progress() -> None:
@@ -103,16 +134,48 @@ def test_startup_configures_kopf_for_least_privilege_and_own_events() -> None:
     asyncio.run(scenario())
     assert settings.scanning.disabled  # no RBAC on namespaces/CRDs needed
     assert not settings.posting.enabled
+    # A watch on a dead connection ends instead of waiting forever for its next event.
+    assert settings.watching.server_timeout == handlers.WATCH_SECONDS
+    assert settings.watching.client_timeout == handlers.WATCH_SECONDS + 30.0
+    assert settings.networking.request_timeout == 30.0
 
 
 def test_probes_report_leadership_and_queue() -> None:
     registry, controller = registered()
-    probes = {
-        h.id: h.fn for h in registry._activities.get_all_handlers() if h.id in ("leading", "queued")
-    }
+    probes = {h.id: h.fn for h in registry._activities.get_all_handlers()}
     assert probes["leading"]() is False
     controller.queue.add(("ml", "d"))
     assert probes["queued"]() == 1
+    assert probes["healthy"]() is True
+
+
+def test_liveness_fails_on_a_stuck_reconcile_or_a_silent_api_server() -> None:
+    """kopf answers /healthz with 500 when a probe raises a PermanentError (a plain
+    exception would be retried, and the probe request would hang)."""
+    now = [100.0]
+    silence = [0.0]
+    controller = Controller(
+        None,  # type: ignore[arg-type]
+        Cache(),
+        reconcile_timeout=60,
+        api_timeout=30,
+        api_silence=lambda: silence[0],
+        clock=lambda: now[0],
+    )
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, controller)
+    probe = next(h.fn for h in registry._activities.get_all_handlers() if h.id == "healthy")
+    controller._running[("ml", "slow")] = 50.0
+    assert probe() is True  # 50 s in: within its deadline
+    now[0] = 111.0
+    with pytest.raises(kopf.PermanentError, match="ml/slow has run for 61s"):
+        probe()
+    del controller._running[("ml", "slow")]
+    silence[0] = 31.0
+    with pytest.raises(kopf.PermanentError, match="not answered for 31s"):
+        probe()
+    silence[0] = 0.0
+    assert probe() is True
 
 
 def test_cli_flags_for_out_of_cluster_runs() -> None:
@@ -139,3 +202,21 @@ def test_cli_flags_for_out_of_cluster_runs() -> None:
     defaults = cli.parse_args([])
     assert defaults.namespace == [] and not defaults.leader_election
     assert (defaults.health_port, defaults.metrics_port) == (8080, 9090)
+    assert (defaults.request_timeout, defaults.read_nodes) == (30.0, True)
+    assert cli.parse_args(["--no-read-nodes"]).read_nodes is False
+
+
+def test_client_has_no_transport_retries(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """urllib3's default retries would repeat a timed-out GET three times: 4x the deadline."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "c",
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps(config))
+    client = cli.api_client(str(path))
+    assert client.configuration.retries is False

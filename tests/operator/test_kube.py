@@ -9,9 +9,9 @@ resourceVersion on PUT, a create of an existing object.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -59,6 +59,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "path": url.path,
                     "query": parse_qs(url.query),
                     "content_type": self.headers.get("Content-Type"),
+                    "accept": self.headers.get("Accept"),
                     "body": body,
                 }
             )
@@ -76,6 +77,9 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.server
         objs = srv.objects
         if method == "GET":
+            if path in objs and "as=PartialObjectMetadata" in (self.headers.get("Accept") or ""):
+                meta = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1"}
+                return 200, {**meta, "metadata": objs[path]["metadata"]}
             if path in objs:
                 return 200, objs[path]
             items = [o for p, o in objs.items() if p.startswith(path + "/")]
@@ -199,29 +203,74 @@ def test_events_are_posted_and_never_fail_the_caller(server: FakeApiServer) -> N
     cluster.event(owner, "Normal", "Ready", "ok")  # logged, not raised
 
 
-def test_nodes_are_listed_at_most_once_per_ttl(server: FakeApiServer) -> None:
+def test_secret_metadata_never_asks_for_the_data(server: FakeApiServer) -> None:
     cluster = connect(server)
-    server.objects["/api/v1/nodes/n1"] = {"metadata": {"name": "n1"}}
-    assert cluster.nodes() == [{"metadata": {"name": "n1"}}]
-    assert cluster.nodes() == [{"metadata": {"name": "n1"}}]
-    assert sum(r["path"] == "/api/v1/nodes" for r in server.requests) == 1
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "pw", "namespace": "ml"},
+        "data": {"password": "czNjcmV0"},
+    }
+    assert cluster.create(secret) is not None
+    assert cluster.create(secret) is None  # 409: it exists, and is left as it is
+    meta = cluster.secret_metadata("ml", "pw")
+    assert meta is not None and meta["metadata"]["name"] == "pw" and "data" not in meta
+    get = server.requests[-1]
+    assert get["accept"] == "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+    assert cluster.secret_metadata("ml", "missing") is None
 
 
-def test_forbidden_nodes_read_as_unknown(server: FakeApiServer) -> None:
-    server.fail_next = [403]
-    assert connect(server).nodes() is None
+def test_a_silent_server_fails_the_request_at_its_deadline() -> None:
+    """A half-open connection: the server accepts and then never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        cfg = k8s.Configuration(host=f"http://127.0.0.1:{port}")
+        cfg.retries = False
+        cluster = KubeCluster(k8s.ApiClient(cfg), Cache(), timeout=0.5)
+        with pytest.raises(ApiError) as err:
+            cluster.get("v1", "ConfigMap", "ml", "c")
+        assert err.value.status == 0 and "no answer" in str(err.value)
+        assert cluster.unanswered_for() > 0
+
+
+def test_unanswered_for_counts_from_the_last_answer(server: FakeApiServer) -> None:
+    now = [10.0]
+    cfg = k8s.Configuration(host=f"http://127.0.0.1:{server.server_address[1]}")
+    cluster = KubeCluster(k8s.ApiClient(cfg), Cache(), clock=lambda: now[0])
+    server.fail_next = [500]
+    with pytest.raises(ApiError):
+        cluster.request("GET", "/api/v1/namespaces/ml/configmaps/c")
+    assert cluster.unanswered_for() == 0.0  # an error is an answer
+    cluster.api.configuration.host = "http://127.0.0.1:1"  # nothing listens there
+    now[0] = 40.0
+    with pytest.raises(ApiError):
+        cluster.request("GET", "/api/v1/namespaces/ml/configmaps/c")
+    assert cluster.unanswered_for() == 30.0
 
 
 # --- leader election -----------------------------------------------------------------------
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+class Clock:
+    """One replica's monotonic clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
-def electors(server: FakeApiServer) -> tuple[LeaseElector, LeaseElector]:
+def electors(server: FakeApiServer) -> tuple[LeaseElector, Clock, LeaseElector, Clock]:
     cluster = connect(server)
+    ca, cb = Clock(), Clock()
     return (
-        LeaseElector(cluster, "ops", "lmcache-operator", "a", duration=15),
-        LeaseElector(cluster, "ops", "lmcache-operator", "b", duration=15),
+        LeaseElector(cluster, "ops", "lmcache-operator", "a", duration=15, clock=ca),
+        ca,
+        LeaseElector(cluster, "ops", "lmcache-operator", "b", duration=15, clock=cb),
+        cb,
     )
 
 
@@ -230,48 +279,85 @@ def lease(server: FakeApiServer) -> dict[str, Any]:
 
 
 def test_first_replica_creates_the_lease_and_keeps_renewing(server: FakeApiServer) -> None:
-    a, b = electors(server)
-    assert a.try_acquire(T0)
+    a, ca, b, cb = electors(server)
+    assert a.try_acquire()
     assert lease(server)["spec"]["holderIdentity"] == "a"
-    assert not b.try_acquire(T0 + timedelta(seconds=5))
-    assert a.try_acquire(T0 + timedelta(seconds=10))
-    assert not b.try_acquire(T0 + timedelta(seconds=20))  # renewed at 10s, valid until 25s
-    assert lease(server)["spec"]["renewTime"].startswith("2026-01-01T00:00:10")
+    assert not b.try_acquire()  # b first sees a's record now
+    cb.now += 10
+    ca.now += 10
+    assert a.try_acquire()  # renewed: a new record
+    cb.now += 10
+    assert not b.try_acquire()  # 20 s after b first saw a, but 10 s after the renewal
+    assert lease(server)["spec"]["holderIdentity"] == "a"
 
 
-def test_standby_takes_over_an_expired_lease(server: FakeApiServer) -> None:
-    a, b = electors(server)
-    assert a.try_acquire(T0)
-    assert b.try_acquire(T0 + timedelta(seconds=16))
+def test_standby_takes_over_when_the_record_stops_changing(server: FakeApiServer) -> None:
+    a, _, b, cb = electors(server)
+    assert a.try_acquire()
+    assert not b.try_acquire()
+    cb.now += 16
+    assert b.try_acquire()
     spec = lease(server)["spec"]
     assert spec["holderIdentity"] == "b"
     assert spec["leaseTransitions"] == 1
-    assert not a.try_acquire(T0 + timedelta(seconds=17))  # the old leader steps down
+
+
+def test_expiry_is_judged_by_the_local_clock_not_the_holders_renew_time(
+    server: FakeApiServer,
+) -> None:
+    """The holder's renewTime comes from another machine's clock: a skewed one must neither
+    hand the lease over early nor keep it forever."""
+    a, _, b, cb = electors(server)
+    assert a.try_acquire()
+    path = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/lmcache-operator"
+    server.objects[path]["spec"]["renewTime"] = "2001-01-01T00:00:00.000000Z"  # far behind
+    assert not b.try_acquire()  # an old renewTime is not an expired lease
+    server.objects[path]["spec"]["renewTime"] = "2099-01-01T00:00:00.000000Z"  # far ahead
+    cb.now += 5
+    assert not b.try_acquire()  # a new record: b waits a full duration from now
+    cb.now += 16
+    assert b.try_acquire()  # not "valid until 2099"
+
+
+def test_leader_stops_leading_when_renewals_fail_past_the_deadline(
+    server: FakeApiServer,
+) -> None:
+    a, ca, _, _ = electors(server)
+    assert a.try_acquire() and a.leading()
+    server.fail_next = [503] * 10
+    ca.now += 5
+    assert a.try_acquire()  # a failed renewal within the deadline: still leading
+    ca.now += 5.5
+    assert not a.try_acquire()  # 10.5 s since the last renewal > renew_deadline 10 s
+    assert not a.leading()
+    assert a.renew_deadline < a.duration  # it stops before anyone may take over
 
 
 def test_a_lost_write_race_is_not_leadership(server: FakeApiServer) -> None:
-    a, b = electors(server)
-    assert a.try_acquire(T0)
-    server.fail_next = []
+    a, _, b, cb = electors(server)
+    assert a.try_acquire()
+    assert not b.try_acquire()
+    cb.now += 16
     # b reads the expired lease, then a renews before b writes: b's PUT carries a stale
     # resourceVersion and the server refuses it.
     original = b.cluster.request
 
     def racing(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
         if method == "PUT":
-            assert a.try_acquire(T0 + timedelta(seconds=16))
+            assert a.try_acquire()
         return original(method, path, *args, **kwargs)
 
     b.cluster = type("C", (), {"request": staticmethod(racing)})()  # type: ignore[assignment]
-    assert not b.try_acquire(T0 + timedelta(seconds=16))
+    assert not b.try_acquire()
     assert lease(server)["spec"]["holderIdentity"] == "a"
 
 
 def test_released_lease_is_taken_at_once(server: FakeApiServer) -> None:
-    a, b = electors(server)
-    assert a.try_acquire(T0)
+    a, _, b, _ = electors(server)
+    assert a.try_acquire()
     b.release()  # not the holder: a no-op
     assert lease(server)["spec"]["holderIdentity"] == "a"
     a.release()
-    assert b.try_acquire(T0 + timedelta(seconds=1))
+    assert not a.leading()
+    assert b.try_acquire()
     assert lease(server)["spec"]["holderIdentity"] == "b"

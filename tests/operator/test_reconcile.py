@@ -103,7 +103,7 @@ def test_status_after_rollout_is_ready_and_then_stable(cluster: FakeCluster) -> 
     assert condition(cluster, "Ready")["lastTransitionTime"] == stamp
 
 
-def test_all_six_conditions_carry_observed_generation(cluster: FakeCluster) -> None:
+def test_all_eight_conditions_carry_observed_generation(cluster: FakeCluster) -> None:
     create(cluster, {}, generation=7)
     reconciler(cluster).reconcile("ml", "demo")
     conds = cr_status(cluster)["conditions"]
@@ -113,9 +113,54 @@ def test_all_six_conditions_carry_observed_generation(cluster: FakeCluster) -> N
         "Degraded",
         "ConfigValid",
         "ValkeyReady",
-        "HugepagesSchedulable",
+        "Schedulable",
+        "Reconciling",
+        "Stalled",
     }
     assert {c["observedGeneration"] for c in conds} == {7}
+
+
+def test_kstatus_conditions_follow_the_rollout(cluster: FakeCluster) -> None:
+    """kstatus (Flux, Argo CD, cli-utils): Reconciling while working, Stalled when stuck."""
+    create(cluster, {})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    assert (
+        condition(cluster, "Reconciling")["status"],
+        condition(cluster, "Stalled")["status"],
+    ) == (
+        "True",
+        "False",
+    )
+    rollout_done(cluster)
+    r.reconcile("ml", "demo")
+    assert condition(cluster, "Reconciling")["status"] == "False"
+    create(cluster, {"vllm": {"extraArgs": ["--port=1"]}}, generation=2)
+    r.reconcile("ml", "demo")
+    stalled = condition(cluster, "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "InvalidSpec")
+    assert condition(cluster, "Reconciling")["status"] == "False"
+    # They restate Ready/Degraded: no Events of their own.
+    assert not any(m.startswith(("Stalled", "Reconciling")) for _, _, m in cluster.events)
+
+
+def test_status_records_the_engine_image_and_sizing(cluster: FakeCluster) -> None:
+    create(cluster, {"vllm": {"tensorParallelSize": 2}, "replicas": 1})
+    reconciler(cluster).reconcile("ml", "demo")
+    st = cr_status(cluster)
+    assert st["engineImage"] == f"{api.DEFAULT_IMAGE_REPOSITORY}:{api.DEFAULT_IMAGE_TAG}"
+    # The CRD stores no image default: an operator upgrade moves every deployment along.
+    assert "tag" not in cluster.find(api.KIND, "demo")["spec"]["image"]
+    sizing = st["sizing"]
+    # 8Gi + 2 x 8Gi for vLLM, 2 x 1Gi of /dev/shm, 2 x 5 GB of pinned pool
+    assert sizing["memoryPerPod"] == "36Gi"
+    assert sizing["gpusPerPod"] == 2
+    # The fixture's node: 8 GPUs (4 pods of 2), 512Gi memory (14 pods of 36Gi)
+    assert (sizing["eligibleNodes"], sizing["maxReplicas"], sizing["additionalReplicas"]) == (
+        1,
+        4,
+        3,
+    )
 
 
 def test_deleted_child_is_restored(cluster: FakeCluster) -> None:
@@ -208,19 +253,90 @@ def test_disabling_valkey_prunes_its_children(cluster: FakeCluster) -> None:
         ("ConfigMap", "demo-lmcache-config"),
         ("Deployment", "demo"),
         ("Service", "demo"),
-    ]
+    ]  # the generated Secret too, although it is not watched
     assert "valkeyEndpoint" not in cr_status(cluster)
 
 
-def test_generated_password_is_stable(cluster: FakeCluster) -> None:
+def test_generated_password_is_created_once_and_never_rewritten(cluster: FakeCluster) -> None:
     create(cluster, {"valkey": {"enabled": True}})
     r = reconciler(cluster)
     r.reconcile("ml", "demo")
     first = cluster.find("Secret", "demo-valkey-auth")["data"]["password"]
     assert len(base64.b64decode(first)) == 48
+    assert ("create", "Secret", "demo-valkey-auth") in cluster.writes
+    cluster.writes.clear()
     create(cluster, {"valkey": {"enabled": True, "maxMemory": "8Gi"}}, generation=2)
     r.reconcile("ml", "demo")
     assert cluster.find("Secret", "demo-valkey-auth")["data"]["password"] == first
+    assert not [w for w in cluster.writes if w[1] == "Secret"]
+
+
+def secret_hashes(cluster: FakeCluster) -> tuple[str, str]:
+    pods = [
+        cluster.find(kind, name)["spec"]["template"]["metadata"]["annotations"]
+        for kind, name in (("Deployment", "demo"), ("StatefulSet", "demo-valkey"))
+    ]
+    return pods[0][api.ANNOTATION_SECRET_HASH], pods[1][api.ANNOTATION_SECRET_HASH]
+
+
+def test_deleted_password_is_not_regenerated_while_valkey_runs(cluster: FakeCluster) -> None:
+    """A new password would split the running server from new clients (failed AUTH behind
+    the breaker): stop, say why, and let a human choose."""
+    create(cluster, {"valkey": {"enabled": True}})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    before = cluster.find("StatefulSet", "demo-valkey")
+    cluster.delete("v1", "Secret", "ml", "demo-valkey-auth")
+    cluster.writes.clear()
+    with pytest.raises(ReconcileError, match="demo-valkey-auth"):
+        r.reconcile("ml", "demo")
+    assert [w for w in cluster.writes if w[0] != "status"] == []
+    assert cluster.find("StatefulSet", "demo-valkey") == before
+    degraded = condition(cluster, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "SecretMissing")
+    assert "delete that StatefulSet" in degraded["message"]
+    # The human's way out: drop the server; a new password and server come together, and
+    # the vLLM pods roll to it.
+    old_hash = secret_hashes(cluster)[0]
+    cluster.delete("apps/v1", "StatefulSet", "ml", "demo-valkey")
+    r.reconcile("ml", "demo")
+    assert cluster.find("Secret", "demo-valkey-auth")
+    new_vllm, new_valkey = secret_hashes(cluster)
+    assert new_vllm == new_valkey != old_hash
+
+
+def test_rotating_an_existing_secret_rolls_both_workloads(cluster: FakeCluster) -> None:
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "mine", "namespace": "ml", "uid": "s1", "resourceVersion": "5"},
+        "data": {"password": "b2xk"},
+    }
+    cluster.add(secret)
+    create(cluster, {"valkey": {"enabled": True, "auth": {"existingSecret": "mine"}}})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    first = secret_hashes(cluster)
+    assert first[0] == first[1]
+    cluster.writes.clear()
+    r.reconcile("ml", "demo")
+    assert cluster.writes == []  # an unchanged Secret rolls nothing
+    cluster.find("Secret", "mine")["metadata"]["resourceVersion"] = "6"  # rotated
+    r.reconcile("ml", "demo")
+    second = secret_hashes(cluster)
+    assert second[0] == second[1] != first[0]
+    # The operator only ever read the Secret's metadata.
+    assert ("metadata", "Secret", "mine") in cluster.reads
+
+
+def test_missing_existing_secret_is_reported_not_guessed(cluster: FakeCluster) -> None:
+    create(cluster, {"valkey": {"enabled": True, "auth": {"existingSecret": "later"}}})
+    with pytest.raises(ReconcileError, match="Secret later"):
+        reconciler(cluster).reconcile("ml", "demo")
+    degraded = condition(cluster, "Degraded")
+    assert degraded["reason"] == "SecretMissing"
+    assert "valkey.auth.existingSecret" in degraded["message"]
+    assert ("Secret", "demo-valkey-auth") not in cluster.kinds()
 
 
 def test_valkey_ready_condition_and_endpoint(cluster: FakeCluster) -> None:
@@ -243,7 +359,7 @@ def test_valkey_ready_condition_and_endpoint(cluster: FakeCluster) -> None:
     assert cr_status(cluster)["valkeyEndpoint"] == "demo-valkey.ml.svc:6379"
 
 
-def test_hugepages_schedulable_names_the_pages_needed() -> None:
+def test_schedulable_names_what_is_short() -> None:
     cluster = FakeCluster(
         nodes=[
             node("small", gpus=8, hugepages="2Gi"),
@@ -254,14 +370,24 @@ def test_hugepages_schedulable_names_the_pages_needed() -> None:
         cluster, {"lmcache": {"hugepages": {"enabled": True}}, "vllm": {"tensorParallelSize": 2}}
     )
     reconciler(cluster).reconcile("ml", "demo")
-    cond = condition(cluster, "HugepagesSchedulable")
+    cond = condition(cluster, "Schedulable")
     assert (cond["status"], cond["reason"]) == ("False", "InsufficientCapacity")
-    assert "5120 hugepages-2Mi pages (10Gi)" in cond["message"]
-    assert "small" in cond["message"]
+    assert "hugepages-2Mi 10Gi" in cond["message"]
+    assert "the closest, small, offers hugepages-2Mi 2Gi < 10Gi" in cond["message"]
     assert any(r_ == "InsufficientCapacity" for _, r_, _ in cluster.events)
 
 
-def test_hugepages_schedulable_respects_node_selector() -> None:
+def test_schedulable_is_evaluated_with_hugepages_off_too() -> None:
+    """Without hugepages the pool is container memory: a node too small for it fails."""
+    cluster = FakeCluster(nodes=[node("small", gpus=8, memory="16Gi")])
+    create(cluster, {})
+    reconciler(cluster).reconcile("ml", "demo")
+    cond = condition(cluster, "Schedulable")
+    assert cond["status"] == "False"
+    assert "memory 16Gi < 22Gi" in cond["message"]
+
+
+def test_schedulable_respects_node_selector() -> None:
     cluster = FakeCluster(
         nodes=[
             node("a", hugepages="64Gi", labels={"pool": "a"}),
@@ -270,7 +396,7 @@ def test_hugepages_schedulable_respects_node_selector() -> None:
     )
     create(cluster, {"lmcache": {"hugepages": {"enabled": True}}, "nodeSelector": {"pool": "b"}})
     reconciler(cluster).reconcile("ml", "demo")
-    cond = condition(cluster, "HugepagesSchedulable")
+    cond = condition(cluster, "Schedulable")
     assert cond["status"] == "True" and "node b" in cond["message"]
 
 
@@ -278,7 +404,7 @@ def test_unreadable_nodes_make_the_condition_unknown() -> None:
     cluster = FakeCluster(nodes=None)
     create(cluster, {})
     reconciler(cluster).reconcile("ml", "demo")
-    assert condition(cluster, "HugepagesSchedulable")["status"] == "Unknown"
+    assert condition(cluster, "Schedulable")["status"] == "Unknown"
 
 
 def test_apply_failure_is_degraded_and_retried(cluster: FakeCluster) -> None:
@@ -416,3 +542,22 @@ def test_other_invalid_statefulset_changes_never_delete_valkey(cluster: FakeClus
     with pytest.raises(ReconcileError):
         r.reconcile("ml", "demo")
     assert ("delete", "StatefulSet", "demo-valkey") not in cluster.writes
+
+
+def test_items_other_managers_add_to_list_maps_cause_no_churn(cluster: FakeCluster) -> None:
+    """A webhook injects a sidecar and an env var; server-side apply keeps both, and so must
+    the no-churn check, or every reconcile would re-apply the Deployment."""
+    create(cluster, {})
+    r = reconciler(cluster)
+    r.reconcile("ml", "demo")
+    pod = cluster.find("Deployment", "demo")["spec"]["template"]["spec"]
+    pod["containers"][0]["env"].insert(0, {"name": "INJECTED", "value": "1"})
+    pod["containers"].append({"name": "istio-proxy", "image": "proxy"})
+    pod["volumes"].append({"name": "istio-data", "emptyDir": {}})
+    cluster.writes.clear()
+    r.reconcile("ml", "demo")
+    assert cluster.writes == []
+    # A hand edit of one of ours still counts.
+    pod["containers"][0]["env"] = [e for e in pod["containers"][0]["env"] if e["name"] != "HF_HOME"]
+    r.reconcile("ml", "demo")
+    assert cluster.writes == [("apply", "Deployment", "demo")]

@@ -16,8 +16,8 @@ from lmcache_operator.spec import parse
 OWNER = Owner(name="demo", namespace="ml", uid="uid-demo")
 
 
-def rendered(spec: dict[str, Any], password: str | None = "pw") -> dict[tuple[str, str], Any]:
-    out = bundle.render(parse({"model": "m", **spec}), OWNER, password)
+def rendered(spec: dict[str, Any], secret_hash: str | None = None) -> dict[tuple[str, str], Any]:
+    out = bundle.render(parse({"model": "m", **spec}), OWNER, secret_hash)
     return {(m["kind"], m["metadata"]["name"]): m for m in out.manifests}
 
 
@@ -70,10 +70,10 @@ def test_odd_sizes_round_up_to_whole_pages_in_canonical_form() -> None:
     assert res["resources"]["limits"]["hugepages-2Mi"] == "1026Mi"
 
 
-def test_with_hugepages_memory_is_vllm_memory_alone() -> None:
+def test_with_hugepages_memory_is_vllm_memory_and_shm() -> None:
     res = container({"lmcache": {"hugepages": {"enabled": True}}, "resources": {"memory": "16Gi"}})
-    assert res["resources"]["requests"]["memory"] == "16Gi"
-    assert res["resources"]["limits"]["memory"] == "16Gi"
+    assert res["resources"]["requests"]["memory"] == "17Gi"  # + 1Gi of /dev/shm
+    assert res["resources"]["limits"]["memory"] == "17Gi"
 
 
 def test_without_hugepages_the_pinned_pool_is_added_to_memory() -> None:
@@ -84,19 +84,33 @@ def test_without_hugepages_the_pinned_pool_is_added_to_memory() -> None:
             "lmcache": {"maxLocalCpuSize": 5},
         }
     )["resources"]
-    assert res["requests"]["memory"] == res["limits"]["memory"] == "26Gi"  # 16 + 2 × 5
+    assert res["requests"]["memory"] == res["limits"]["memory"] == "28Gi"  # 16 + 2 × 1 + 2 × 5
     assert "hugepages-2Mi" not in res["requests"]
 
 
 def test_pool_counts_even_with_local_cpu_off() -> None:
     # The engine keeps the pinned pool as a staging buffer for disk/remote either way.
     res = container({"lmcache": {"localCpu": False}, "resources": {"memory": "8Gi"}})
-    assert res["resources"]["limits"]["memory"] == "13Gi"
+    assert res["resources"]["limits"]["memory"] == "14Gi"
 
 
 def test_decimal_memory_plus_pool_stays_exact() -> None:
     memory = container({"resources": {"memory": "16G"}})["resources"]["limits"]["memory"]
-    assert quantity.parse(memory) == 16 * 10**9 + 5 * 2**30
+    assert quantity.parse(memory) == 16 * 10**9 + 2**30 + 5 * 2**30
+
+
+@pytest.mark.parametrize(
+    ("tp", "memory", "shm"), [(1, "22Gi", "1Gi"), (2, "36Gi", "2Gi"), (8, "120Gi", "8Gi")]
+)
+def test_default_memory_and_shm_scale_with_tensor_parallel_ranks(
+    tp: int, memory: str, shm: str
+) -> None:
+    """vLLM runs an API process plus one worker per rank, each with its own CUDA context:
+    8Gi + 8Gi per rank, plus /dev/shm (1Gi per rank, bounded) and the pool (5 GB per rank)."""
+    spec = {"vllm": {"tensorParallelSize": tp}, "lmcache": {"maxLocalCpuSize": 5}}
+    assert container(spec)["resources"]["limits"]["memory"] == memory
+    shm_volume = next(v for v in pod(spec)["volumes"] if v["name"] == "dshm")
+    assert shm_volume["emptyDir"] == {"medium": "Memory", "sizeLimit": shm}
 
 
 # --- the vLLM pod ---------------------------------------------------------------------------
@@ -121,6 +135,8 @@ def test_vllm_command_has_kv_transfer_config_and_model_flags() -> None:
     assert json.loads(kv.split("=", 1)[1]) == {
         "kv_connector": "LMCacheConnectorV1",
         "kv_role": "kv_both",
+        # vLLM's default, "fail", ends a request whose KV cannot be loaded; recompute it.
+        "kv_load_failure_policy": "recompute",
     }
     assert "--max-model-len=8192" in args
     assert "--tensor-parallel-size=2" in args
@@ -141,7 +157,7 @@ def test_config_is_a_projected_volume_at_the_fixed_path() -> None:
 
 def test_dev_shm_always_and_hugepage_volume_only_with_hugepages() -> None:
     plain = {v["name"]: v for v in pod({})["volumes"]}
-    assert plain["dshm"] == {"name": "dshm", "emptyDir": {"medium": "Memory"}}
+    assert plain["dshm"] == {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}
     assert "hugepages" not in plain
     huge = {v["name"]: v for v in pod({"lmcache": {"hugepages": {"enabled": True}}})["volumes"]}
     assert huge["hugepages"]["emptyDir"] == {"medium": "HugePages-2Mi"}
@@ -208,7 +224,12 @@ def test_digest_wins_over_tag() -> None:
 def test_defaults() -> None:
     c = container({})
     assert c["image"] == "ghcr.io/lmcache-kube/vllm-lmcache:0.1.0"
-    assert c["resources"]["requests"] == {"cpu": "4", "memory": "21Gi", "nvidia.com/gpu": "1"}
+    assert c["resources"]["requests"] == {
+        "cpu": "4",
+        "memory": "22Gi",  # 16Gi for vLLM, 1Gi of /dev/shm, the 5 GB pool
+        "ephemeral-storage": "60Gi",  # 10Gi writable layer + the 50Gi model cache
+        "nvidia.com/gpu": "1",
+    }
     assert config({}) == {
         "chunk_size": 256,
         "local_cpu": True,
@@ -343,7 +364,6 @@ def test_config_hash_is_stable_and_follows_config_changes() -> None:
 def test_valkey_children_and_remote_url() -> None:
     objs = rendered({"valkey": {"enabled": True}})
     assert set(objs) >= {
-        ("Secret", "demo-valkey-auth"),
         ("ConfigMap", "demo-valkey-config"),
         ("Service", "demo-valkey-headless"),
         ("Service", "demo-valkey"),
@@ -366,9 +386,12 @@ def test_valkey_evicts_with_allkeys_lru_under_maxmemory() -> None:
 
 
 def test_valkey_password_secret_and_wiring() -> None:
-    objs = rendered({"valkey": {"enabled": True}}, password="s3cret")
-    secret = objs[("Secret", "demo-valkey-auth")]
+    spec = parse({"model": "m", "valkey": {"enabled": True}})
+    secret = valkey.password_secret(spec, OWNER, "s3cret")
     assert base64.b64decode(secret["data"]["password"]) == b"s3cret"
+    objs = rendered({"valkey": {"enabled": True}}, secret_hash="h1")
+    # The generated Secret is created once by the reconciler, never applied with the rest.
+    assert ("Secret", "demo-valkey-auth") not in objs
     ref = {"secretKeyRef": {"name": "demo-valkey-auth", "key": "password"}}
     assert env_of(container({"valkey": {"enabled": True}}))["LMCACHE_REMOTE_PASSWORD"] == ref
     server = objs[("StatefulSet", "demo-valkey")]["spec"]["template"]["spec"]["containers"][0]
@@ -382,15 +405,13 @@ def test_valkey_password_secret_and_wiring() -> None:
 
 
 def test_valkey_existing_secret_and_no_auth() -> None:
-    objs = rendered(
-        {"valkey": {"enabled": True, "auth": {"existingSecret": "mine"}}}, password=None
-    )
+    objs = rendered({"valkey": {"enabled": True, "auth": {"existingSecret": "mine"}}})
     assert ("Secret", "demo-valkey-auth") not in objs
     env = env_of(container({"valkey": {"enabled": True, "auth": {"existingSecret": "mine"}}}))
     assert env["LMCACHE_REMOTE_PASSWORD"]["secretKeyRef"]["name"] == "mine"
     open_spec = {"valkey": {"enabled": True, "auth": {"enabled": False}}}
     assert "LMCACHE_REMOTE_PASSWORD" not in env_of(container(open_spec))
-    server = rendered(open_spec, None)[("StatefulSet", "demo-valkey")]
+    server = rendered(open_spec)[("StatefulSet", "demo-valkey")]
     assert server["spec"]["template"]["spec"]["containers"][0]["command"] == [
         "valkey-server",
         "/etc/valkey/valkey.conf",
@@ -429,9 +450,8 @@ def test_network_policy_admits_only_this_deployments_vllm_pods() -> None:
 
 
 def test_every_child_is_owned_and_labelled() -> None:
-    for m in bundle.render(
-        parse({"model": "m", "valkey": {"enabled": True}}), OWNER, "pw"
-    ).manifests:
+    spec = {"model": "m", "valkey": {"enabled": True}, "kvEvents": {"enabled": True}}
+    for m in bundle.render(parse(spec), OWNER, "h").manifests:
         meta = m["metadata"]
         assert meta["namespace"] == "ml"
         assert meta["labels"][api.LABEL_MANAGED_BY] == "lmcache-operator"
@@ -443,14 +463,173 @@ def test_every_child_is_owned_and_labelled() -> None:
 def test_apply_order_puts_config_before_workloads() -> None:
     kinds = [
         m["kind"]
-        for m in bundle.render(
-            parse({"model": "m", "valkey": {"enabled": True}}), OWNER, "pw"
-        ).manifests
+        for m in bundle.render(parse({"model": "m", "valkey": {"enabled": True}}), OWNER).manifests
     ]
     assert kinds.index("ConfigMap") < kinds.index("StatefulSet") < kinds.index("Deployment")
-    assert kinds.index("Secret") < kinds.index("StatefulSet")
 
 
 def test_remote_url_for_valkey_uses_the_client_service() -> None:
     assert engine_config.valkey_host(OWNER) == "demo-valkey.ml.svc"
-    assert vllm.KV_TRANSFER_CONFIG == '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}'
+
+
+# --- production pods: Pod Security, disk, startup, rollout, events ----------------------------
+
+
+def test_vllm_pod_meets_the_restricted_pod_security_profile() -> None:
+    p = pod({"lmcache": {"hugepages": {"enabled": True}}})
+    sc = p["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] == sc["runAsGroup"] == sc["fsGroup"] == vllm.VLLM_UID != 0
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert p["automountServiceAccountToken"] is False
+    csc = p["containers"][0]["securityContext"]
+    assert csc["allowPrivilegeEscalation"] is False
+    assert csc["capabilities"] == {"drop": ["ALL"]}
+    # Only volume types the restricted profile allows.
+    allowed = {"configMap", "emptyDir", "projected", "ephemeral", "persistentVolumeClaim"}
+    for v in p["volumes"]:
+        assert set(v) - {"name"} <= allowed, v
+
+
+def test_valkey_pod_meets_the_restricted_pod_security_profile() -> None:
+    sts = rendered({"valkey": {"enabled": True}})[("StatefulSet", "demo-valkey")]
+    p = sts["spec"]["template"]["spec"]
+    assert p["securityContext"]["runAsNonRoot"] is True
+    assert p["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert p["automountServiceAccountToken"] is False
+    csc = p["containers"][0]["securityContext"]
+    assert csc["allowPrivilegeEscalation"] is False
+    assert csc["capabilities"] == {"drop": ["ALL"]}
+
+
+def volumes_by_name(spec: dict[str, Any]) -> dict[str, Any]:
+    return {v["name"]: v for v in pod(spec)["volumes"]}
+
+
+def test_model_cache_is_hf_home_and_disk_emptydirs_are_requested() -> None:
+    c = container({"lmcache": {"localDisk": {"enabled": True, "size": 100}}})
+    assert env_of(c)["HF_HOME"] == "/var/cache/huggingface"
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "model-cache")
+    assert mount["mountPath"] == "/var/cache/huggingface"
+    # 10Gi writable layer + 50Gi model cache + 110Gi disk tier (100 GB + 10%)
+    assert c["resources"]["requests"]["ephemeral-storage"] == "170Gi"
+    assert "ephemeral-storage" not in c["resources"]["limits"]  # a request, never an eviction
+    vols = volumes_by_name({"lmcache": {"localDisk": {"enabled": True, "size": 100}}})
+    assert vols["model-cache"]["emptyDir"] == {"sizeLimit": "50Gi"}
+
+
+def test_pvc_backed_volumes_are_not_node_disk() -> None:
+    spec = {
+        "modelCache": {"storageClassName": "fast", "size": "200Gi"},
+        "lmcache": {"localDisk": {"enabled": True, "size": 100, "storageClassName": "nvme"}},
+        "resources": {"ephemeralStorage": "20Gi"},
+    }
+    c = container(spec)
+    assert c["resources"]["requests"]["ephemeral-storage"] == "20Gi"
+    claim = volumes_by_name(spec)["model-cache"]["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert (claim["storageClassName"], claim["resources"]["requests"]["storage"]) == (
+        "fast",
+        "200Gi",
+    )
+
+
+def test_model_cache_from_an_existing_shared_claim() -> None:
+    spec = {"modelCache": {"claimName": "models", "readOnly": True, "path": "/models"}}
+    assert volumes_by_name(spec)["model-cache"]["persistentVolumeClaim"] == {
+        "claimName": "models",
+        "readOnly": True,
+    }
+    c = container(spec)
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "model-cache")
+    assert mount == {"name": "model-cache", "mountPath": "/models", "readOnly": True}
+    assert env_of(c)["HF_HOME"] == "/models"
+    assert c["resources"]["requests"]["ephemeral-storage"] == "10Gi"
+
+
+def test_extra_volumes_and_mounts_pass_through() -> None:
+    spec = {
+        "volumes": [{"name": "weights", "persistentVolumeClaim": {"claimName": "llama"}}],
+        "volumeMounts": [{"name": "weights", "mountPath": "/weights", "readOnly": True}],
+    }
+    assert volumes_by_name(spec)["weights"] == spec["volumes"][0]
+    assert spec["volumeMounts"][0] in container(spec)["volumeMounts"]
+
+
+@pytest.mark.parametrize(
+    ("timeout", "failures", "deadline"), [(1800, 180, 2400), (7200, 720, 7800)]
+)
+def test_progress_deadline_covers_the_startup_budget(
+    timeout: int, failures: int, deadline: int
+) -> None:
+    """A model still downloading is Progressing, not Degraded: the Deployment's deadline
+    outlasts the startup probe's budget (plus scheduling and the image pull)."""
+    dep = rendered({"vllm": {"startupTimeoutSeconds": timeout}})[("Deployment", "demo")]
+    probe = dep["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] == failures * 10 >= timeout
+    assert dep["spec"]["progressDeadlineSeconds"] == deadline > failures * 10
+
+
+def test_rollout_strategy_is_exposed() -> None:
+    default = rendered({})[("Deployment", "demo")]["spec"]["strategy"]
+    assert default == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+    }
+    surge = {"strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}}
+    assert rendered(surge)[("Deployment", "demo")]["spec"]["strategy"]["rollingUpdate"] == {
+        "maxSurge": 1,
+        "maxUnavailable": 0,
+    }
+    recreate = rendered({"strategy": {"type": "Recreate"}})[("Deployment", "demo")]
+    assert recreate["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_one_metrics_port_per_pod_whatever_the_tensor_parallelism() -> None:
+    """The engine serves every TP rank's metrics in one scrape on metrics_port."""
+    spec = {"vllm": {"tensorParallelSize": 4}}
+    assert [(p["name"], p["containerPort"]) for p in container(spec)["ports"]] == [
+        ("http", 8000),
+        ("lmcache-metrics", 9090),
+    ]
+    assert config(spec)["metrics_port"] == 9090
+
+
+def test_kv_events_publisher_per_pod_and_headless_service() -> None:
+    spec = {"kvEvents": {"enabled": True, "port": 5600, "topic": "kv"}}
+    c = container(spec)
+    flag = next(a for a in c["args"] if a.startswith("--kv-events-config="))
+    assert json.loads(flag.split("=", 1)[1]) == {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": "tcp://*:5600",
+        "topic": "kv",
+    }
+    assert {"name": "kv-events", "containerPort": 5600, "protocol": "TCP"} in c["ports"]
+    svc = rendered(spec)[("Service", "demo-kv-events")]["spec"]
+    assert svc["clusterIP"] == "None"
+    assert svc["ports"] == [
+        {"name": "kv-events", "port": 5600, "targetPort": "kv-events", "protocol": "TCP"}
+    ]
+    assert svc["selector"] == {api.LABEL_INSTANCE: "demo", api.LABEL_COMPONENT: "vllm"}
+    assert ("Service", "demo-kv-events") not in rendered({})
+    assert not any(a.startswith("--kv-events-config") for a in container({})["args"])
+
+
+def test_kv_events_config_matches_vllms_own_fields() -> None:
+    """vLLM parses the flag into KVEventsConfig; unknown keys would be refused at start."""
+    kv_events = pytest.importorskip("vllm.config.kv_events", reason="vLLM is not installed")
+    spec = parse({"model": "m", "kvEvents": {"enabled": True}})
+    config_ = kv_events.KVEventsConfig(**json.loads(vllm.kv_events_config(spec)))
+    assert config_.enable_kv_cache_events and config_.publisher == "zmq"
+    kv_transfer = pytest.importorskip("vllm.config.kv_transfer")
+    transfer = kv_transfer.KVTransferConfig(**json.loads(vllm.KV_TRANSFER_CONFIG))
+    assert transfer.kv_load_failure_policy == "recompute"
+
+
+def test_secret_hash_lands_on_both_pod_templates() -> None:
+    objs = rendered({"valkey": {"enabled": True}}, secret_hash="abc")
+    for key in (("Deployment", "demo"), ("StatefulSet", "demo-valkey")):
+        annotations = objs[key]["spec"]["template"]["metadata"]["annotations"]
+        assert annotations[api.ANNOTATION_SECRET_HASH] == "abc"
+    plain = rendered({})[("Deployment", "demo")]["spec"]["template"]["metadata"]["annotations"]
+    assert api.ANNOTATION_SECRET_HASH not in plain

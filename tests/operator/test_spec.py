@@ -181,6 +181,32 @@ def test_a_valid_spec_has_no_problems() -> None:
             {"valkey": {"enabled": True, "maxMemory": "8Gi", "resources": {"memory": "8Gi"}}},
             "spec.valkey.resources.memory: 8Gi must exceed valkey.maxMemory 8Gi",
         ),
+        (
+            {"vllm": {"extraArgs": ['--kv-events-config={"enable_kv_cache_events":true}']}},
+            "spec.vllm.extraArgs: --kv-events-config is rendered by the operator; use kvEvents",
+        ),
+        (
+            {"volumes": [{"name": "dshm", "emptyDir": {}}]},
+            "spec.volumes[0].name: dshm is the operator's; pick another name",
+        ),
+        (
+            {
+                "volumes": [{"name": "a", "emptyDir": {}}, {"name": "a", "emptyDir": {}}],
+                "volumeMounts": [],
+            },
+            "spec.volumes[1].name: a is listed twice",
+        ),
+        (
+            {"volumeMounts": [{"name": "nope", "mountPath": "/x"}]},
+            "spec.volumeMounts[0].name: no volume 'nope' in spec.volumes",
+        ),
+        (
+            {
+                "volumes": [{"name": "w", "emptyDir": {}}],
+                "volumeMounts": [{"name": "w", "mountPath": "/var/cache/huggingface"}],
+            },
+            "spec.volumeMounts[0].mountPath: /var/cache/huggingface is already mounted",
+        ),
     ],
 )
 def test_problems_name_the_field_and_the_fix(spec: dict[str, Any], expected: str) -> None:

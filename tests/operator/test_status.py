@@ -61,7 +61,7 @@ def test_removed_fields_are_sent_as_null_for_the_merge_patch() -> None:
 
 def test_phase_precedence() -> None:
     assert status.build({}, observed(config_error="bad"), "t")["phase"] == "Invalid"
-    assert status.build({}, observed(apply_error="409"), "t")["phase"] == "Degraded"
+    assert status.build({}, observed(blocked=("ApplyFailed", "409")), "t")["phase"] == "Degraded"
     assert status.build({}, observed(deployment=done()), "t")["phase"] == "Ready"
     assert status.build({}, observed(), "t")["phase"] == "Progressing"
 

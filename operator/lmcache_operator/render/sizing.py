@@ -31,11 +31,17 @@ def hugepages_per_pod(spec: Spec) -> int:
     return pool_bytes_per_pod(spec) if spec.lmcache.hugepages else 0
 
 
+def container_memory_bytes(spec: Spec) -> int:
+    """vLLM's own memory, /dev/shm (tmpfs pages are charged to the container) and, without
+    hugepages, the pinned pool vLLM's engines allocate from the container's memory."""
+    total = quantity.parse(spec.vllm_memory) + quantity.parse(spec.shm_size)
+    if not spec.lmcache.hugepages:
+        total += pool_bytes_per_pod(spec)
+    return math.ceil(total)
+
+
 def container_memory(spec: Spec) -> str:
-    """vLLM's own memory plus, without hugepages, the pinned pool it allocates from it."""
-    base = quantity.parse(spec.resources.memory)
-    total = base if spec.lmcache.hugepages else base + pool_bytes_per_pod(spec)
-    return quantity.format_binary(total)
+    return quantity.format_binary(container_memory_bytes(spec))
 
 
 def disk_volume_bytes(size_gb: float, engine_processes: int) -> int:
@@ -44,3 +50,23 @@ def disk_volume_bytes(size_gb: float, engine_processes: int) -> int:
     overhead, because an emptyDir over its sizeLimit gets the whole pod evicted."""
     total = Fraction(size_gb) * engine_processes * quantity.GIB * Fraction(11, 10)
     return math.ceil(total / (1 << 20)) << 20
+
+
+def disk_tier_bytes(spec: Spec) -> int:
+    """The disk tier's volume, 0 without one."""
+    disk = spec.lmcache.local_disk
+    if not (disk.enabled and disk.size):
+        return 0
+    return disk_volume_bytes(disk.size, spec.engine_processes)
+
+
+def ephemeral_storage_bytes(spec: Spec) -> int:
+    """Node disk a pod uses: the writable layer and logs (`resources.ephemeralStorage`) plus
+    every emptyDir on disk (model cache, disk tier). PVC-backed volumes are not node disk."""
+    total = quantity.parse(spec.resources.ephemeral_storage)
+    cache = spec.model_cache
+    if not (cache.claim_name or cache.storage_class):
+        total += quantity.parse(cache.size)
+    if not spec.lmcache.local_disk.storage_class:
+        total += disk_tier_bytes(spec)
+    return math.ceil(total)

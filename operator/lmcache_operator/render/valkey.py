@@ -38,6 +38,26 @@ def auth_secret_ref(spec: Spec, owner: Owner) -> tuple[str, str] | None:
     return (auth.existing_secret or secret_name(owner), auth.password_key)
 
 
+def remote_secret(spec: Spec, owner: Owner) -> str | None:
+    """The Secret vLLM pods read the remote tier's password from, at start, if any."""
+    if ref := auth_secret_ref(spec, owner):
+        return ref[0]
+    if spec.remote.url and spec.remote.credentials_secret:
+        return spec.remote.credentials_secret
+    return None
+
+
+def secret_refs(workload: Manifest) -> set[str]:
+    """Secrets a workload's containers read through env."""
+    pod = workload.get("spec", {}).get("template", {}).get("spec", {})
+    return {
+        ref["name"]
+        for c in pod.get("containers") or []
+        for var in c.get("env") or []
+        if (ref := (var.get("valueFrom") or {}).get("secretKeyRef"))
+    }
+
+
 def generated_secret_needed(spec: Spec) -> bool:
     return spec.valkey.enabled and spec.valkey.auth.enabled and not spec.valkey.auth.existing_secret
 
@@ -48,7 +68,8 @@ def new_password() -> str:
 
 
 def password_secret(spec: Spec, owner: Owner, password: str) -> Manifest:
-    """The generated password; the caller passes the stored one back so it never rotates."""
+    """The generated password: created once and never written again (or read: the operator
+    only ever sees its metadata), so it cannot drift from what the running Valkey uses."""
     data = {spec.valkey.auth.password_key: base64.b64encode(password.encode()).decode()}
     return {
         "apiVersion": "v1",
@@ -144,16 +165,25 @@ def _container(spec: Spec, owner: Owner) -> dict[str, Any]:
             {"name": "run", "mountPath": "/run/valkey"},
             {"name": "data", "mountPath": "/data"},
         ],
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
     }
 
 
-def statefulset(spec: Spec, owner: Owner) -> Manifest:
+def statefulset(spec: Spec, owner: Owner, secret_hash: str | None = None) -> Manifest:
+    """`secret_hash` follows the password's Secret: a new password restarts the server."""
     conf = configmap(spec, owner)
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": conf["metadata"]["name"]}},
         {"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
     ]
+    annotations = {api.ANNOTATION_CONFIG_HASH: stable_hash(conf["data"])}
+    if secret_hash:
+        annotations[api.ANNOTATION_SECRET_HASH] = secret_hash
     persist = spec.valkey.persistence
     claims: list[dict[str, Any]] = []
     if persist.enabled:
@@ -174,7 +204,7 @@ def statefulset(spec: Spec, owner: Owner) -> Manifest:
             "metadata": {
                 "labels": labels(owner, VALKEY),
                 # valkey.conf is read at start: a changed file must restart the server.
-                "annotations": {api.ANNOTATION_CONFIG_HASH: stable_hash(conf["data"])},
+                "annotations": annotations,
             },
             "spec": {
                 "securityContext": {
@@ -182,7 +212,9 @@ def statefulset(spec: Spec, owner: Owner) -> Manifest:
                     "runAsUser": VALKEY_UID,
                     "runAsGroup": VALKEY_UID,
                     "fsGroup": VALKEY_UID,
+                    "seccompProfile": {"type": "RuntimeDefault"},
                 },
+                "automountServiceAccountToken": False,
                 "containers": [_container(spec, owner)],
                 "volumes": volumes,
             },
@@ -247,13 +279,12 @@ def network_policy(owner: Owner, client_selector: dict[str, str]) -> Manifest:
     }
 
 
-def manifests(spec: Spec, owner: Owner, password: str | None) -> list[Manifest]:
-    """Everything Valkey needs, in apply order (Secret and config before the server)."""
-    out: list[Manifest] = []
-    if password is not None:
-        out.append(password_secret(spec, owner, password))
-    out.append(configmap(spec, owner))
-    out.extend(services(owner))
-    out.append(statefulset(spec, owner))
-    out.append(network_policy(owner, selector(owner, VLLM)))
-    return out
+def manifests(spec: Spec, owner: Owner, secret_hash: str | None) -> list[Manifest]:
+    """Everything Valkey needs but the generated password's Secret, which the reconciler
+    creates once, in apply order (config before the server)."""
+    return [
+        configmap(spec, owner),
+        *services(owner),
+        statefulset(spec, owner, secret_hash),
+        network_policy(owner, selector(owner, VLLM)),
+    ]
