@@ -28,7 +28,9 @@ HEALTHY = {
     "Degraded": "False",
     "ConfigValid": "True",
     "ValkeyReady": "True",
-    "HugepagesSchedulable": "True",
+    "Schedulable": "True",
+    "Reconciling": "False",
+    "Stalled": "False",
 }
 
 _SUFFIX = {

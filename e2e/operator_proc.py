@@ -94,14 +94,30 @@ def uninstall_chart(kube: Cluster, release: Release) -> None:
 
 
 class OperatorProcess:
-    """The operator of a Helm release, run locally with the release's pod spec and identity."""
+    """The operator of a Helm release, run locally with the release's pod spec and identity.
 
-    def __init__(self, kube: Cluster, namespace: str, deployment: str) -> None:
+    `extra_args` are appended to the pod's (a later flag wins in argparse), `server` replaces the
+    API server's URL (a proxy in front of it), `instance` tells replicas of one release apart.
+    """
+
+    def __init__(
+        self,
+        kube: Cluster,
+        namespace: str,
+        deployment: str,
+        extra_args: tuple[str, ...] = (),
+        server: str | None = None,
+        instance: str = "",
+    ) -> None:
         self.kube = kube
         self.namespace = namespace
         self.deployment = deployment
-        self.log_path = E2E_DIR / f"operator-{namespace}.log"
-        self.kubeconfig = E2E_DIR / f"operator-{namespace}.kubeconfig"
+        self.extra_args = extra_args
+        self.server = server
+        self.instance = instance
+        suffix = f"-{instance}" if instance else ""
+        self.log_path = E2E_DIR / f"operator-{namespace}{suffix}.log"
+        self.kubeconfig = E2E_DIR / f"operator-{namespace}{suffix}.kubeconfig"
         self.proc: subprocess.Popen[bytes] | None = None
         self.health_port = 0
         self.metrics_port = 0
@@ -139,7 +155,7 @@ class OperatorProcess:
         ports = {"--health-port": self.health_port, "--metrics-port": self.metrics_port}
         argv = [a for a in argv if a.split("=", 1)[0] not in PORT_FLAGS]
         argv += [f"{flag}={port}" for flag, port in ports.items()]
-        return argv, env
+        return argv + list(self.extra_args), env
 
     def _write_kubeconfig(self) -> None:
         """The ServiceAccount's identity: a bound token, as the in-cluster pod would mount."""
@@ -148,6 +164,8 @@ class OperatorProcess:
         ).strip()
         raw = json.loads(self.kube.kubectl("config", "view", "--raw", "--minify", "-o", "json"))
         cluster = raw["clusters"][0]["cluster"]
+        if self.server:
+            cluster = {**cluster, "server": self.server}
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -159,7 +177,7 @@ class OperatorProcess:
         self.kubeconfig.write_text(json.dumps(config))
 
     def start(self, timeout: float = 60.0) -> None:
-        pod_name = f"{self.deployment}-local-{os.getpid()}"
+        pod_name = f"{self.deployment}-local-{os.getpid()}{self.instance}"
         argv, env = self.command(pod_name)
         self._write_kubeconfig()
         full_env = {**os.environ, **env, "KUBECONFIG": str(self.kubeconfig)}
@@ -173,12 +191,29 @@ class OperatorProcess:
     def _healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             raise AssertionError(f"operator exited; log tail:\n{self.log_tail()}")
+        return self.health() == 200
+
+    def health(self) -> int | None:
+        """The HTTP status of GET /healthz (what the kubelet's liveness probe sees), or None
+        when nothing answers."""
         url = f"http://127.0.0.1:{self.health_port}/healthz"
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                return bool(resp.status == 200)
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
         except (urllib.error.URLError, OSError):
-            return False
+            return None
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """The sum of a metric's samples (whose label set contains `labels`), 0 when absent."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                series, value = line.rsplit(" ", 1)
+                if series.split("{")[0] == name and labels in series:
+                    total += float(value)
+        return total
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, as when a node dies mid-reconcile."""

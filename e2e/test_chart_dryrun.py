@@ -132,12 +132,13 @@ def test_chart_objects_pass_server_side_dry_run(
 
 
 def moved(objs: list[Obj], namespace: str) -> list[Obj]:
-    """The objects of the overlay's own Namespace moved into `namespace`; the rest stay.
+    """The objects of the overlay's own Namespace (the operator's) moved into `namespace`; the
+    rest stay (the watched namespaces of the namespaced overlay exist: the fixture made them).
 
     A dry-run creates no Namespace, so the overlays' own (lmcache-system) would not exist for the
     objects inside it; the operator tests own that namespace, so it is not created here.
     """
-    (own,) = [o["metadata"]["name"] for o in objs if o["kind"] == "Namespace"]
+    (own,) = {o["metadata"]["namespace"] for o in objs if o["kind"] == "Deployment"}
     out = []
     for obj in objs:
         meta = dict(obj["metadata"])

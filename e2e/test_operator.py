@@ -6,6 +6,7 @@ garbage-collecting. Numbers follow the issue's list of end-to-end tests.
 from __future__ import annotations
 
 import functools
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -105,13 +106,27 @@ def test_helm_install_establishes_crd_and_operator_objects(
 # --- 2. the examples ----------------------------------------------------------------------------
 
 
-def example_prerequisites(k8s: Kube, namespace: str) -> None:
-    """The Secrets the examples reference by name, as a user would create them first."""
-    secrets = {"hf-token": {"token": "hf_dummy"}}
-    secrets["kv-cache-credentials"] = {"username": "lmcache", "password": "s3cret"}
-    for name, data in secrets.items():
-        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}}
-        k8s.create({**secret, "stringData": data}, namespace)
+def create_first(path: Path) -> list[list[str]]:
+    """The `kubectl` commands an example's comment says to run first, placeholders (`<...>`)
+    filled with dummies: exactly what a user on a fresh cluster would do, and nothing more."""
+    commands = []
+    for line in path.read_text().splitlines():
+        text = line.lstrip("#").strip()
+        if line.startswith("#") and text.startswith("kubectl "):
+            commands.append(re.sub(r"<[^>]+>", "dummy", text).split()[1:])
+    return commands
+
+
+def test_examples_that_need_secrets_say_so() -> None:
+    for path in EXAMPLES:
+        needs = [d["spec"] for d in lmcd_docs(path)]
+        named = {s["hfTokenSecretRef"]["name"] for s in needs if "hfTokenSecretRef" in s} | {
+            s["remote"]["credentialsSecretRef"]["name"]
+            for s in needs
+            if "credentialsSecretRef" in s.get("remote", {})
+        }
+        said = " ".join(" ".join(c) for c in create_first(path))
+        assert all(f"secret generic {n} " in said for n in named), (path.name, named, said)
 
 
 def test_there_are_examples() -> None:
@@ -120,10 +135,16 @@ def test_there_are_examples() -> None:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_becomes_ready_on_gpu_nodes(
-    k8s: Kube, operator: OperatorProcess, namespace: str, fake_nodes: list[NodeShape], path: Path
+    kube: Cluster,
+    k8s: Kube,
+    operator: OperatorProcess,
+    namespace: str,
+    fake_nodes: list[NodeShape],
+    path: Path,
 ) -> None:
     docs = lmcd_docs(path)
-    example_prerequisites(k8s, namespace)
+    for command in create_first(path):
+        kube.kubectl(*command, "-n", namespace)
     gpu_nodes = {s.name for s in fake_nodes if s.gpus}
     for doc in docs:
         name = doc["metadata"]["name"]
@@ -190,11 +211,11 @@ def test_more_hugepages_than_any_node_pending_and_reported(
     pages = lmcd.hugepage_bytes(size, 1) // lmcd.HUGEPAGE
 
     def reported() -> Obj | None:
-        c = condition(lmcd.get(k8s, "toobig", namespace), "HugepagesSchedulable")
+        c = condition(lmcd.get(k8s, "toobig", namespace), "Schedulable")
         return c if c and c["status"] == "False" else None
 
-    verdict = wait_for("HugepagesSchedulable=False", reported, timeout=60)
-    assert str(pages) in verdict["message"], verdict["message"]
+    verdict = wait_for("Schedulable=False", reported, timeout=60)
+    assert f"hugepages-2Mi {pages * 2 // 1024}Gi" in verdict["message"], verdict["message"]
 
     def failed_scheduling() -> list[Obj]:
         out = []
@@ -358,6 +379,22 @@ CEL_CASES: dict[str, tuple[Obj, str]] = {
     "disk-without-size": (
         {"lmcache": {"localDisk": {"enabled": True}}},
         "spec.lmcache.localDisk.size",
+    ),
+    "kv-events-port-is-metrics-port": (
+        {"kvEvents": {"enabled": True, "port": 9090}},
+        "spec.kvEvents.port",
+    ),
+    "model-cache-claim-and-class": (
+        {"modelCache": {"claimName": "models", "storageClassName": "fast"}},
+        "spec.modelCache.claimName",
+    ),
+    "recreate-with-rolling-update": (
+        {"strategy": {"type": "Recreate", "rollingUpdate": {"maxSurge": 1}}},
+        "spec.strategy.rollingUpdate",
+    ),
+    "rollout-without-surge-or-unavailable": (
+        {"strategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": "0%"}}},
+        "spec.strategy.rollingUpdate.maxUnavailable",
     ),
 }
 

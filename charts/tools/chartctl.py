@@ -289,13 +289,18 @@ def plain(obj: Obj) -> Obj:
     return obj
 
 
-def namespace_object() -> Obj:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
+def namespace_object(name: str) -> Obj:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
 
 
 def install_objects(values: ValueSet) -> list[Obj]:
-    """Everything one `helm install` of this value set creates (CRDs first), as plain objects."""
-    return [namespace_object(), *(plain(o) for o in objects(render(values, include_crds=True)))]
+    """Everything one `helm install --create-namespace` of this value set creates (CRDs first),
+    as plain objects, plus every other Namespace an object is put in (the watched ones of a
+    namespaced install): `kubectl apply -k` on a fresh cluster must find them."""
+    objs = [plain(o) for o in objects(render(values, include_crds=True))]
+    used = sorted({o["metadata"]["namespace"] for o in objs if o["metadata"].get("namespace")})
+    others = [namespace_object(n) for n in used if n != NAMESPACE]
+    return [namespace_object(NAMESPACE), *others, *objs]
 
 
 def deploy_files() -> dict[str, str]:

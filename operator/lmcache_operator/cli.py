@@ -76,6 +76,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "API server fails the request instead of hanging a worker (default 30)",
     )
     p.add_argument(
+        "--watch-timeout",
+        type=float,
+        default=60.0,
+        help="seconds the API server keeps one watch open before kopf starts the next; a "
+        "watch on a dead connection is replaced after this plus --request-timeout (default 60)",
+    )
+    p.add_argument(
         "--reconcile-timeout",
         type=float,
         default=300.0,
@@ -118,7 +125,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
-    for flag in ("request_timeout", "reconcile_timeout", "api_timeout"):
+    for flag in ("request_timeout", "watch_timeout", "reconcile_timeout", "api_timeout"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be > 0")
     return args
@@ -195,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         controller,
         lambda: connection_info(client.configuration),
         request_timeout=args.request_timeout,
+        watch_timeout=args.watch_timeout,
     )
     if args.metrics_port:
         start_http_server(args.metrics_port)

@@ -16,15 +16,13 @@ from lmcache_operator import api
 from lmcache_operator.controller import Controller
 from lmcache_operator.kube import CHILD_KINDS, PLURALS
 
-# Seconds the API server keeps one watch request open (kopf then starts a new one).
-WATCH_SECONDS = 300
-
 
 def register(
     registry: kopf.OperatorRegistry,
     controller: Controller,
     login: Callable[[], kopf.ConnectionInfo] | None = None,
     request_timeout: float = 30.0,
+    watch_timeout: float = 60.0,
 ) -> None:
     """`login` gives kopf the credentials the reconciler's client uses, so both always talk
     to the same cluster as the same user."""
@@ -43,8 +41,8 @@ def register(
         # A watch on a half-open connection would wait forever for its next event: the
         # server ends each watch after server_timeout, and the client gives up a little later.
         settings.watching.connect_timeout = min(5.0, request_timeout)
-        settings.watching.server_timeout = WATCH_SECONDS
-        settings.watching.client_timeout = WATCH_SECONDS + request_timeout
+        settings.watching.server_timeout = watch_timeout
+        settings.watching.client_timeout = watch_timeout + request_timeout
         settings.networking.connect_timeout = min(5.0, request_timeout)
         settings.networking.request_timeout = request_timeout
         await controller.start()

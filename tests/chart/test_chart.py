@@ -168,6 +168,39 @@ def grants(roles: list[Obj]) -> dict[tuple[str, str], set[str]]:
     return out
 
 
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+
+
+def operator_roles(roles: list[Obj]) -> list[Obj]:
+    """The roles the operator is bound to, not those aggregated into `view`/`edit`."""
+    return [
+        r
+        for r in roles
+        if not any(k.startswith(AGGREGATE) for k in r["metadata"].get("labels", {}))
+    ]
+
+
+def test_tenants_get_lmcachedeployments_through_the_default_roles(helm: Path) -> None:
+    roles = {
+        r["metadata"]["name"].rsplit("-", 1)[1]: r
+        for r in of_kind(rendered("default"), "ClusterRole")
+        if any(k.startswith(AGGREGATE) for k in r["metadata"]["labels"])
+    }
+    assert set(roles) == {"view", "edit"}
+    view, edit = roles["view"], roles["edit"]
+    for role, to in ((view, {"view", "edit", "admin"}), (edit, {"edit", "admin"})):
+        labels = role["metadata"]["labels"]
+        assert {k.removeprefix(AGGREGATE) for k in labels if k.startswith(AGGREGATE)} == to
+        assert all(labels[f"{AGGREGATE}{t}"] == "true" for t in to)
+    assert grants([view]) == {
+        ("serving.lmcache-kube.io", r): {"get", "list", "watch"}
+        for r in ("lmcachedeployments", "lmcachedeployments/status", "lmcachedeployments/scale")
+    }
+    edit_grants = grants([edit])
+    assert "delete" in edit_grants[("serving.lmcache-kube.io", "lmcachedeployments")]
+    assert ("serving.lmcache-kube.io", "lmcachedeployments/status") not in edit_grants
+
+
 def test_rbac_is_exactly_what_the_operator_calls(helm: Path) -> None:
     """The rules follow lmcache_operator.kube and docs/operator.md's RBAC table: every kind it
     touches, and nothing else."""
@@ -175,7 +208,7 @@ def test_rbac_is_exactly_what_the_operator_calls(helm: Path) -> None:
         "lmcache_operator.kube", reason="the operator package is not installed"
     )
     objs = rendered("default")
-    got = grants(of_kind(objs, "ClusterRole") + of_kind(objs, "Role"))
+    got = grants(operator_roles(of_kind(objs, "ClusterRole") + of_kind(objs, "Role")))
     want: dict[tuple[str, str], set[str]] = {}
     for api_version, kind in kube.CHILD_KINDS:
         group = api_version.rpartition("/")[0]
@@ -191,7 +224,9 @@ def test_rbac_is_exactly_what_the_operator_calls(helm: Path) -> None:
     want[("serving.lmcache-kube.io", "lmcachedeployments/status")] = {"get", "patch"}
     want[("serving.lmcache-kube.io", "lmcachedeployments/finalizers")] = {"update"}
     want[("", "events")] = {"create"}
-    want[("", "nodes")] = {"list"}
+    # Created once, read as metadata only, deleted with the Valkey server: never listed.
+    want[("", "secrets")] = {"get", "create", "delete"}
+    want[("", "nodes")] = {"list", "watch"}
     want[("coordination.k8s.io", "leases")] = {"get", "create", "update"}
     assert got == want
 
@@ -200,7 +235,7 @@ def test_default_is_cluster_wide(helm: Path) -> None:
     objs = rendered("default")
     crs = [
         r
-        for r in of_kind(objs, "ClusterRole")
+        for r in operator_roles(of_kind(objs, "ClusterRole"))
         for rule in r["rules"]
         if "lmcachedeployments" in rule["resources"]
     ]
@@ -223,11 +258,14 @@ def test_namespaced_install_has_roles_only_in_watched_namespaces(helm: Path) -> 
     assert sorted(r["metadata"]["namespace"] for r in cr_roles) == ["team-a", "team-b"]
     bindings = {b["metadata"]["namespace"] for b in of_kind(objs, "RoleBinding")}
     assert {"team-a", "team-b", chartctl.NAMESPACE} == bindings
-    assert not of_kind(objs, "ClusterRole"), "readNodes is off: no cluster-scoped permission"
+    assert not operator_roles(of_kind(objs, "ClusterRole")), (
+        "readNodes is off: no cluster-scoped permission for the operator"
+    )
     assert not of_kind(objs, "ClusterRoleBinding")
     args = operator_deployment(objs)["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert "--all-namespaces" not in args
+    assert "--no-read-nodes" in args  # without the RBAC, the operator must not watch nodes
 
 
 def test_ha_spreads_replicas_and_keeps_a_quorum(helm: Path) -> None:

@@ -47,3 +47,18 @@ def test_flux_helmrelease_updates_crds(helm: Path, tmp_path: Path) -> None:
     assert chartctl.REPO / spec["chart"]["spec"]["chart"] == chartctl.CHART
     assert spec["install"]["crds"] == spec["upgrade"]["crds"] == "CreateReplace"
     render_with(spec["values"], tmp_path)
+
+
+@pytest.mark.parametrize("overlay", sorted(chartctl.OVERLAYS))
+def test_each_overlay_creates_every_namespace_it_uses(helm: Path, overlay: str) -> None:
+    """`kubectl apply -k` on a fresh cluster: a Role in a namespace nobody created fails."""
+    files = chartctl.deploy_files()
+    objs = [
+        o
+        for rel in ("base/install.yaml", f"overlays/{overlay}/install.yaml")
+        for o in yaml.safe_load_all(files[rel])
+        if o
+    ]
+    created = {o["metadata"]["name"] for o in objs if o["kind"] == "Namespace"}
+    used = {o["metadata"]["namespace"] for o in objs if o["metadata"].get("namespace")}
+    assert used <= created, f"{overlay} puts objects in namespaces it does not create"

@@ -4,8 +4,10 @@ Shared by the ClusterRole (all namespaces) and the per-namespace Roles (`watchNa
 the two cannot drift. The custom resource is only read, and written only through /status: the
 operator uses kopf event handlers, so no finalizers or annotations land on user objects. Its
 children are watched by label (kopf), server-side applied with one field manager (PATCH,
-creating when missing) and deleted when a feature is turned off. Watching Secrets by label still
-needs list/watch on all Secrets of the namespace: RBAC cannot filter by label.
+creating when missing) and deleted when a feature is turned off. Secrets are not watched (RBAC
+cannot narrow list/watch by label): the generated Valkey password is created once (POST), only
+its metadata is ever read (a GET as PartialObjectMetadata, also for an existingSecret, to roll
+pods when it changes), and it is deleted with the Valkey server that used it.
 */}}
 {{- define "lmcache-operator.rules" -}}
 - apiGroups: ["serving.lmcache-kube.io"]
@@ -23,8 +25,11 @@ needs list/watch on all Secrets of the namespace: RBAC cannot filter by label.
   resources: ["deployments", "statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
-  resources: ["configmaps", "secrets", "services"]
+  resources: ["configmaps", "services"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
