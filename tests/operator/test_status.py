@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import lupa.lua51
+import yaml
 from lmcache_operator import status
 from lmcache_operator.capacity import Verdict
+
+from tests.operator.fakes import ROOT
 
 
 def observed(**kw: object) -> status.Observed:
@@ -101,3 +107,54 @@ def test_transition_events_warn_on_the_bad_side_only() -> None:
     assert ("Normal", "Available") in {
         (t.type, t.reason) for t in status.transitions(broken, healed)
     }
+
+
+# --- the Argo CD health check (examples/gitops/argocd-health.yaml) ------------------------------
+
+HEALTH = yaml.safe_load((ROOT / "examples/gitops/argocd-health.yaml").read_text())["data"][
+    "resource.customizations.health.serving.lmcache-kube.io_LMCacheDeployment"
+]
+
+
+def argocd_health(obj: dict[str, Any]) -> tuple[str, str]:
+    """Run the script as Argo CD does: Lua 5.1 (gopher-lua), the object as global `obj`."""
+    lua = lupa.lua51.LuaRuntime(unpack_returned_tuples=True)
+    lua.globals().obj = _to_lua(lua, obj)
+    result = lua.execute(HEALTH)
+    return str(result["status"]), str(result["message"])
+
+
+def _to_lua(lua: Any, value: Any) -> Any:
+    if isinstance(value, dict):
+        return lua.table_from({k: _to_lua(lua, v) for k, v in value.items()})
+    if isinstance(value, list):
+        return lua.table_from([_to_lua(lua, v) for v in value])
+    return value
+
+
+def cr_with(status: dict[str, Any] | None, generation: int = 2) -> dict[str, Any]:
+    body: dict[str, Any] = {"metadata": {"name": "d", "generation": generation}, "spec": {}}
+    if status is not None:
+        body["status"] = status
+    return body
+
+
+def built(obs: status.Observed) -> dict[str, Any]:
+    return status.build({}, obs, "t")
+
+
+def test_argocd_health_follows_the_operators_status() -> None:
+    assert argocd_health(cr_with(None))[0] == "Progressing"
+    ready = built(observed(generation=2, deployment=done()))
+    assert argocd_health(cr_with(ready)) == ("Healthy", "1/1 replicas ready")
+    assert argocd_health(cr_with(ready, generation=3))[0] == "Progressing"  # a newer spec
+    rolling = built(observed(generation=2))
+    status_, message = argocd_health(cr_with(rolling))
+    assert status_ == "Progressing" and message.startswith("Creating")
+    invalid = built(observed(generation=2, config_error="spec.replicas: expected int"))
+    assert argocd_health(cr_with(invalid)) == (
+        "Degraded",
+        "InvalidSpec: spec.replicas: expected int",
+    )
+    blocked = built(observed(generation=2, blocked=("SecretMissing", "Secret pw not found")))
+    assert argocd_health(cr_with(blocked)) == ("Degraded", "SecretMissing: Secret pw not found")
