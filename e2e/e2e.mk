@@ -18,7 +18,7 @@ e2e: $(STAMP) e2e-tools ## end-to-end tests (local control plane, or the cluster
 
 .PHONY: e2e-tools e2e-up e2e-down e2e
 
-bench-operator: $(STAMP) e2e-tools ## operator benchmark: 100 LMCacheDeployments at once (writes .bench/operator.json)
+bench-operator: $(STAMP) e2e-tools ## operator benchmark: 1000 LMCacheDeployments on 1000 fake nodes (writes .bench/operator.json)
 	$(PY) -m e2e.bench_operator --out .bench/operator.json
 
 .PHONY: bench-operator
