@@ -19,14 +19,17 @@ chart-readme: $(STAMP) ## chart: regenerate the values table in charts/lmcache-o
 deploy-update: $(STAMP) ## chart: regenerate the kustomize manifests under deploy/ from the chart
 	$(CHARTCTL) deploy --update
 
-chart-generate: chart-golden-update chart-readme deploy-update ## chart: every derived file at once
+crd-engine-schema: $(STAMP) ## chart: regenerate the CRD's lmcache.extraConfig schema from the engine's config keys
+	$(CHARTCTL) engine-schema --update
+
+chart-generate: crd-engine-schema chart-golden-update chart-readme deploy-update ## chart: every derived file at once
 
 release: chart-check ## package the chart into dist/ with its .sha256 (version from Chart.yaml)
 	$(CHARTCTL) release --dest dist
 
 test: chart-check
 
-.PHONY: chart-check chart-golden-update chart-readme deploy-update chart-generate release
+.PHONY: chart-check chart-golden-update chart-readme deploy-update crd-engine-schema chart-generate release
 
 chart-lint: $(STAMP) ## chart tooling: ruff + mypy on charts/tools and tests/chart
 	$(VENV)/bin/ruff check charts/tools tests/chart

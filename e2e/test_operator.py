@@ -380,6 +380,14 @@ CEL_CASES: dict[str, tuple[Obj, str]] = {
         {"lmcache": {"localDisk": {"enabled": True}}},
         "spec.lmcache.localDisk.size",
     ),
+    "engine-key-typo": (
+        {"lmcache": {"extraConfig": {"chunk_sise": 128}}},
+        "not keys of the LMCache engine: chunk_sise",
+    ),
+    "engine-key-the-operator-sets": (
+        {"lmcache": {"extraConfig": {"chunk_size": 128}}},
+        "spec.lmcache.extraConfig",
+    ),
     "kv-events-port-is-metrics-port": (
         {"kvEvents": {"enabled": True, "port": 9090}},
         "spec.kvEvents.port",

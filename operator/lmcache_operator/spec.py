@@ -7,8 +7,10 @@ means the same thing. `tests/operator/test_crd.py` fails when the two disagree.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -426,6 +428,21 @@ REFUSED_VLLM_FLAGS = {
 
 REMOTE_SCHEMES = ("valkey", "valkeys", "redis", "rediss")
 
+# The engine's keys with their types and bounds (`lmcache config-reference --format
+# json-schema` of the engine this operator deploys by default), written by `make
+# crd-engine-schema` together with the CRD's extraConfig schema. The API server refuses what
+# breaks them; this copy catches objects stored before the CRD knew (the server never
+# re-validates stored objects).
+ENGINE_KEYS: Mapping[str, Mapping[str, Any]] = json.loads(
+    resources.files("lmcache_operator").joinpath("engine_keys.json").read_text()
+)
+_JSON_TYPES: Mapping[str, tuple[type, ...]] = {
+    "boolean": (bool,),
+    "integer": (int,),
+    "number": (int, float),
+    "string": (str,),
+}
+
 
 def _flag_name(arg: str) -> str:
     """The flag as vLLM's parser resolves it: ``--a_b=x`` and ``--a-b.key=x`` both set ``--a-b``."""
@@ -449,11 +466,18 @@ def _resolve(flag: str, known: Mapping[str, str]) -> str | None:
 def problems(spec: Spec) -> list[str]:
     """Semantic errors the CRD's schema and CEL rules cannot catch, each naming its field."""
     found: list[str] = []
-    for key in sorted(set(spec.lmcache.extra_config) & set(MANAGED_ENGINE_KEYS)):
-        found.append(
-            f"spec.lmcache.extraConfig.{key}: managed by the operator; "
-            f"set {MANAGED_ENGINE_KEYS[key]} instead"
-        )
+    for key, value in sorted(spec.lmcache.extra_config.items()):
+        where = f"spec.lmcache.extraConfig.{key}"
+        if key in MANAGED_ENGINE_KEYS:
+            found.append(
+                f"{where}: managed by the operator; set {MANAGED_ENGINE_KEYS[key]} instead"
+            )
+        elif key not in ENGINE_KEYS:
+            found.append(
+                f"{where}: not a key of the LMCache engine (keys: {', '.join(sorted(ENGINE_KEYS))})"
+            )
+        elif allowed := _engine_value_problem(ENGINE_KEYS[key], value):
+            found.append(f"{where}: {value!r} is not allowed; the engine takes {allowed}")
     for arg in spec.vllm.extra_args:
         flag = _flag_name(arg)
         if managed := _resolve(flag, MANAGED_VLLM_FLAGS):
@@ -495,6 +519,34 @@ def problems(spec: Spec) -> list[str]:
                 "above its data, or the kernel kills it instead of Valkey evicting)"
             )
     return found
+
+
+def _engine_value_problem(schema: Mapping[str, Any], value: Any) -> str | None:
+    """What the engine allows for a key, when `value` breaks its type or bounds."""
+    kind = schema["type"]
+    low, high = schema.get("minimum"), schema.get("maximum")
+    bounds = (
+        [f"{'>' if schema.get('exclusiveMinimum') else '>='} {low:g}"] if low is not None else []
+    )
+    bounds += [f"<= {high:g}"] if high is not None else []
+    allowed = f"{'an' if kind == 'integer' else 'a'} {kind}" + (
+        f" {' and '.join(bounds)}" if bounds else ""
+    )
+    if schema.get("enum"):
+        allowed = "one of " + ", ".join(map(str, schema["enum"]))
+    if schema.get("nullable"):
+        allowed += ", or null"
+    if value is None:
+        return None if schema.get("nullable") else allowed
+    if isinstance(value, bool) != (kind == "boolean") or not isinstance(value, _JSON_TYPES[kind]):
+        return allowed
+    if schema.get("enum") and value not in schema["enum"]:
+        return allowed
+    if low is not None and (value <= low if schema.get("exclusiveMinimum") else value < low):
+        return allowed
+    if high is not None and value > high:
+        return allowed
+    return None
 
 
 def _volume_problems(spec: Spec) -> list[str]:

@@ -91,6 +91,10 @@ def test_python_defaults_equal_crd_defaults() -> None:
 _CEL = celpy.Environment()
 
 
+# `join` of Kubernetes' CEL strings library (cel-python has no such extension).
+K8S_STRINGS = {"join": lambda items, sep: celpy.celtypes.StringType(str(sep).join(items))}
+
+
 def cel_errors(spec: dict[str, Any]) -> list[str]:
     """The messages of every CEL rule the (defaulted) spec breaks, walking the schema."""
     found: list[str] = []
@@ -98,8 +102,15 @@ def cel_errors(spec: dict[str, Any]) -> list[str]:
     def visit(schema: dict[str, Any], value: Any) -> None:
         for rule in schema.get("x-kubernetes-validations") or []:
             program = _CEL.program(_CEL.compile(rule["rule"]))
-            if not program.evaluate({"self": celpy.json_to_cel(value)}):
-                found.append(rule["message"])
+            activation = {"self": celpy.json_to_cel(value)}
+            if not program.evaluate(activation):
+                if "messageExpression" in rule:
+                    message = _CEL.program(
+                        _CEL.compile(rule["messageExpression"]), functions=K8S_STRINGS
+                    )
+                    found.append(str(message.evaluate(activation)))
+                else:
+                    found.append(rule["message"])
         if isinstance(value, dict):
             for name, sub in (schema.get("properties") or {}).items():
                 if name in value:
@@ -193,6 +204,14 @@ BAD = {
         {"strategy": {"type": "Recreate", "rollingUpdate": {"maxSurge": 1}}},
         "strategy.rollingUpdate is only for type RollingUpdate",
     ),
+    "a typo in an engine key": (
+        {"lmcache": {"extraConfig": {"chunk_sise": 128, "save_unfull_chunk": True}}},
+        "not keys of the LMCache engine: chunk_sise (the keys: `lmcache config-reference`)",
+    ),
+    "an engine key the operator sets": (
+        {"lmcache": {"extraConfig": {"chunk_size": 128}}},
+        "keys the operator sets from typed fields",
+    ),
     "rollout that can never replace a pod": (
         {"strategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": "0%"}}},
         "maxSurge and maxUnavailable cannot both be 0",
@@ -240,6 +259,18 @@ def test_cel_accepts(spec: dict[str, Any]) -> None:
         (
             {"lmcache": {"localDisk": {"enabled": True, "size": 1, "path": "relative"}}},
             "lmcache.localDisk.path",
+        ),
+        (
+            {"lmcache": {"extraConfig": {"remote_timeout_ms": 0}}},
+            "lmcache.extraConfig.remote_timeout_ms",
+        ),
+        (
+            {"lmcache": {"extraConfig": {"save_unfull_chunk": "yes"}}},
+            "lmcache.extraConfig.save_unfull_chunk",
+        ),
+        (
+            {"lmcache": {"extraConfig": {"remote_serde": "pickle"}}},
+            "lmcache.extraConfig.remote_serde",
         ),
     ],
 )

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from lmcache_operator import quantity
+from lmcache_operator import spec as spec_mod
 from lmcache_operator.spec import SpecError, parse, problems
 
 
@@ -182,6 +183,24 @@ def test_a_valid_spec_has_no_problems() -> None:
             "spec.valkey.resources.memory: 8Gi must exceed valkey.maxMemory 8Gi",
         ),
         (
+            {"lmcache": {"extraConfig": {"chunk_sise": 128}}},
+            "spec.lmcache.extraConfig.chunk_sise: not a key of the LMCache engine (keys: ",
+        ),
+        (
+            {"lmcache": {"extraConfig": {"remote_timeout_ms": 0}}},
+            "spec.lmcache.extraConfig.remote_timeout_ms: 0 is not allowed; the engine takes "
+            "an integer >= 1",
+        ),
+        (
+            {"lmcache": {"extraConfig": {"save_unfull_chunk": "yes"}}},
+            "spec.lmcache.extraConfig.save_unfull_chunk: 'yes' is not allowed; the engine takes "
+            "a boolean",
+        ),
+        (
+            {"lmcache": {"extraConfig": {"remote_breaker_backoff_s": 0}}},
+            "the engine takes a number > 0",
+        ),
+        (
             {"vllm": {"extraArgs": ['--kv-events-config={"enable_kv_cache_events":true}']}},
             "spec.vllm.extraArgs: --kv-events-config is rendered by the operator; use kvEvents",
         ),
@@ -216,3 +235,13 @@ def test_problems_name_the_field_and_the_fix(spec: dict[str, Any], expected: str
 
 def test_hf_token_env_is_fine_without_a_secret_ref() -> None:
     assert check({"vllm": {"env": [{"name": "HF_TOKEN", "value": "x"}]}}) == []
+
+
+def test_engine_keys_match_the_engine_itself() -> None:
+    """The operator's copy of the key list is the engine's (also checked against the CRD by
+    tests/chart/test_engine_schema.py)."""
+    config = pytest.importorskip("lmcache.config", reason="the engine package is not installed")
+    assert set(spec_mod.ENGINE_KEYS) == set(config.KEYS_BY_NAME)
+    assert (
+        check({"lmcache": {"extraConfig": {"remote_ttl_s": None, "remote_serde": "naive"}}}) == []
+    )
