@@ -380,10 +380,6 @@ CEL_CASES: dict[str, tuple[Obj, str]] = {
         {"lmcache": {"localDisk": {"enabled": True}}},
         "spec.lmcache.localDisk.size",
     ),
-    "engine-key-typo": (
-        {"lmcache": {"extraConfig": {"chunk_sise": 128}}},
-        "not keys of the LMCache engine: chunk_sise",
-    ),
     "engine-key-the-operator-sets": (
         {"lmcache": {"extraConfig": {"chunk_size": 128}}},
         "spec.lmcache.extraConfig",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 from typing import Any
 
+import pytest
 import yaml
 
 from e2e import lmcd
@@ -236,6 +237,42 @@ def test_rotating_an_existing_secret_rolls_vllm_and_valkey(
     now = wait_for("both pod templates follow the new password", rolled, timeout=120)
     assert now["Deployment"] == now["StatefulSet"]
     lmcd.wait_ready(k8s, "rot", namespace, timeout=120)
+
+
+# --- the engine's keys in extraConfig ------------------------------------------------------------
+
+
+def kubectl_apply(
+    kube: Cluster, namespace: str, obj: Obj, *flags: str
+) -> subprocess.CompletedProcess[str]:
+    argv = [str(BIN / "kubectl"), f"--kubeconfig={kube.kubeconfig}", "apply", "-n", namespace]
+    argv += [*flags, "-f", "-"]
+    return subprocess.run(argv, input=yaml.safe_dump(obj), capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    ("extra", "refusal"),
+    [
+        ({"chunk_sise": 128}, ".spec.lmcache.extraConfig.chunk_sise: field not declared in schema"),
+        (
+            {"remote_timeout_ms": 0},
+            "remote_timeout_ms in body should be greater than or equal to 1",
+        ),
+        ({"save_unfull_chunk": "yes"}, "extraConfig.save_unfull_chunk: expected boolean"),
+        ({"remote_serde": "pickle"}, 'supported values: "naive"'),
+    ],
+)
+def test_extra_config_is_checked_against_the_engines_keys(
+    kube: Cluster, k8s: Kube, release: Release, namespace: str, extra: dict[str, Any], refusal: str
+) -> None:
+    """A typo or an out-of-range value is refused by the API server, naming the key, both by
+    `kubectl apply` and by a server-side apply (what Argo CD and Flux use)."""
+    cr = lmcd.manifest("typo", lmcache={"extraConfig": extra})
+    for flags in ((), ("--server-side",)):
+        applied = kubectl_apply(kube, namespace, cr, *flags)
+        assert applied.returncode != 0, f"accepted with {flags}: {applied.stdout}"
+        assert refusal in applied.stderr, applied.stderr
+    assert lmcd.get(k8s, "typo", namespace) is None
 
 
 # --- KV events ----------------------------------------------------------------------------------

@@ -521,31 +521,41 @@ def problems(spec: Spec) -> list[str]:
     return found
 
 
+def _engine_allowed(schema: Mapping[str, Any]) -> str:
+    """What the engine takes for a key, in words."""
+    kind = schema["type"]
+    if schema.get("enum"):
+        allowed = "one of " + ", ".join(map(str, schema["enum"]))
+    else:
+        low, high = schema.get("minimum"), schema.get("maximum")
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if schema.get('exclusiveMinimum') else '>='} {_number(low)}")
+        if high is not None:
+            bounds.append(f"<= {_number(high)}")
+        allowed = f"{'an' if kind == 'integer' else 'a'} {kind}"
+        allowed += f" {' and '.join(bounds)}" if bounds else ""
+    return allowed + (", or null" if schema.get("nullable") else "")
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
 def _engine_value_problem(schema: Mapping[str, Any], value: Any) -> str | None:
     """What the engine allows for a key, when `value` breaks its type or bounds."""
     kind = schema["type"]
     low, high = schema.get("minimum"), schema.get("maximum")
-    bounds = (
-        [f"{'>' if schema.get('exclusiveMinimum') else '>='} {low:g}"] if low is not None else []
-    )
-    bounds += [f"<= {high:g}"] if high is not None else []
-    allowed = f"{'an' if kind == 'integer' else 'a'} {kind}" + (
-        f" {' and '.join(bounds)}" if bounds else ""
-    )
-    if schema.get("enum"):
-        allowed = "one of " + ", ".join(map(str, schema["enum"]))
-    if schema.get("nullable"):
-        allowed += ", or null"
     if value is None:
-        return None if schema.get("nullable") else allowed
+        return None if schema.get("nullable") else _engine_allowed(schema)
     if isinstance(value, bool) != (kind == "boolean") or not isinstance(value, _JSON_TYPES[kind]):
-        return allowed
-    if schema.get("enum") and value not in schema["enum"]:
-        return allowed
-    if low is not None and (value <= low if schema.get("exclusiveMinimum") else value < low):
-        return allowed
-    if high is not None and value > high:
-        return allowed
+        return _engine_allowed(schema)
+    if (
+        (schema.get("enum") and value not in schema["enum"])
+        or (low is not None and (value <= low if schema.get("exclusiveMinimum") else value < low))
+        or (high is not None and value > high)
+    ):
+        return _engine_allowed(schema)
     return None
 
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 from lmcache_operator import quantity
-from lmcache_operator import spec as spec_mod
 from lmcache_operator.spec import SpecError, parse, problems
 
 
@@ -235,13 +234,3 @@ def test_problems_name_the_field_and_the_fix(spec: dict[str, Any], expected: str
 
 def test_hf_token_env_is_fine_without_a_secret_ref() -> None:
     assert check({"vllm": {"env": [{"name": "HF_TOKEN", "value": "x"}]}}) == []
-
-
-def test_engine_keys_match_the_engine_itself() -> None:
-    """The operator's copy of the key list is the engine's (also checked against the CRD by
-    tests/chart/test_engine_schema.py)."""
-    config = pytest.importorskip("lmcache.config", reason="the engine package is not installed")
-    assert set(spec_mod.ENGINE_KEYS) == set(config.KEYS_BY_NAME)
-    assert (
-        check({"lmcache": {"extraConfig": {"remote_ttl_s": None, "remote_serde": "naive"}}}) == []
-    )
