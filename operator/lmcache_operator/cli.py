@@ -77,8 +77,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--watch-timeout",
-        type=float,
-        default=60.0,
+        type=int,
+        default=60,
         help="seconds the API server keeps one watch open before kopf starts the next; a "
         "watch on a dead connection is replaced after this plus --request-timeout (default 60)",
     )

@@ -22,7 +22,7 @@ def register(
     controller: Controller,
     login: Callable[[], kopf.ConnectionInfo] | None = None,
     request_timeout: float = 30.0,
-    watch_timeout: float = 60.0,
+    watch_timeout: int = 60,
 ) -> None:
     """`login` gives kopf the credentials the reconciler's client uses, so both always talk
     to the same cluster as the same user."""
@@ -39,7 +39,8 @@ def register(
         # changes would need cluster-wide RBAC on both, for no use to this operator.
         settings.scanning.disabled = True
         # A watch on a half-open connection would wait forever for its next event: the
-        # server ends each watch after server_timeout, and the client gives up a little later.
+        # server ends each watch after server_timeout (whole seconds: the API server's
+        # timeoutSeconds), and the client gives up a little later.
         settings.watching.connect_timeout = min(5.0, request_timeout)
         settings.watching.server_timeout = watch_timeout
         settings.watching.client_timeout = watch_timeout + request_timeout

@@ -135,8 +135,9 @@ def test_startup_configures_kopf_for_least_privilege_and_own_events() -> None:
     assert settings.scanning.disabled  # no RBAC on namespaces/CRDs needed
     assert not settings.posting.enabled
     # A watch on a dead connection ends instead of waiting forever for its next event.
-    assert settings.watching.server_timeout == 60.0
-    assert settings.watching.client_timeout == 60.0 + 30.0
+    assert settings.watching.server_timeout == 60  # timeoutSeconds must be an integer
+    assert isinstance(settings.watching.server_timeout, int)
+    assert settings.watching.client_timeout == 60 + 30.0
     assert settings.networking.request_timeout == 30.0
 
 
