@@ -146,8 +146,11 @@ def is_true(obj: Obj | None, type_: str) -> bool:
     return c is not None and c.get("status") == "True"
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0) -> T:
-    """Poll `probe` until it returns something truthy and return it; fail at the deadline.
+def wait_for(
+    what: str, probe: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.25
+) -> T:
+    """Poll `probe` every `interval` seconds until it returns something truthy and return it;
+    fail at the deadline.
 
     The last value seen goes into the failure message so a timeout says where things got stuck.
     """
@@ -160,7 +163,7 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0) ->
             raise AssertionError(
                 f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}"
             )
-        time.sleep(0.25)
+        time.sleep(interval)
 
 
 def audit_events(log: Path, user: str | None = None) -> list[Obj]:
