@@ -146,9 +146,13 @@ class Reconciler:
     ) -> None:
         changed: list[str] = []
         wanted = set()
-        server = self._get("apps/v1", "StatefulSet", owner, owner.child("valkey"))
         # The live server reads the generated password: it exists, and goes when unneeded.
-        generated = server is not None and valkey.secret_name(owner) in valkey.secret_refs(server)
+        # Looked up among the cached children, not with a GET: most deployments have no Valkey.
+        server_key = ("apps/v1", "StatefulSet", owner.namespace, owner.child("valkey"))
+        generated = any(
+            key_of(c) == server_key and valkey.secret_name(owner) in valkey.secret_refs(c)
+            for c in self.cluster.owned(owner.uid)
+        )
         try:
             for manifest in rendered.manifests:
                 desired = diff.with_applied_hash(manifest)

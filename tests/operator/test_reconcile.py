@@ -561,3 +561,19 @@ def test_items_other_managers_add_to_list_maps_cause_no_churn(cluster: FakeClust
     pod["containers"][0]["env"] = [e for e in pod["containers"][0]["env"] if e["name"] != "HF_HOME"]
     r.reconcile("ml", "demo")
     assert cluster.writes == [("apply", "Deployment", "demo")]
+
+
+def test_a_deployment_without_valkey_never_asks_for_its_server(cluster: FakeCluster) -> None:
+    """At 1000 deployments a GET per reconcile for a StatefulSet that does not exist adds up:
+    the check for the generated password's server reads the cached children only."""
+    asked: list[tuple[str, str]] = []
+    original = cluster.get
+
+    def get(api_version: str, kind: str, namespace: str, name: str) -> Any:
+        asked.append((kind, name))
+        return original(api_version, kind, namespace, name)
+
+    cluster.get = get  # type: ignore[method-assign]
+    create(cluster, {})
+    reconciler(cluster).reconcile("ml", "demo")
+    assert ("StatefulSet", "demo-valkey") not in asked
