@@ -28,5 +28,15 @@ ANNOTATION_SECRET_HASH = f"{GROUP}/secret-hash"
 CONFIG_DIR = "/etc/lmcache"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 HUGEPAGES_DIR = "/dev/hugepages"
+# prometheus-client's multiprocess directory: every TP rank's engine writes its metrics there,
+# so rank 0's metrics_port serves them all in one scrape.
+METRICS_DIR = "/var/run/prometheus-multiproc"
 # Volume names the operator gives the vLLM pod; spec.volumes may not reuse them.
-VLLM_VOLUMES = ("lmcache-config", "dshm", "hugepages", "lmcache-disk", "model-cache")
+VLLM_VOLUMES = (
+    "lmcache-config",
+    "dshm",
+    "hugepages",
+    "lmcache-disk",
+    "model-cache",
+    "prometheus-multiproc",
+)

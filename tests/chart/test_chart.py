@@ -294,8 +294,12 @@ def test_monitoring_objects_need_the_prometheus_operator_api(helm: Path) -> None
     assert sm["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     (pm,) = of_kind(with_api, "PodMonitor")
-    ports = {e["port"] for e in pm["spec"]["podMetricsEndpoints"]}
-    assert ports == {"http", "lmcache-metrics"}
+    endpoints = {e["port"]: e for e in pm["spec"]["podMetricsEndpoints"]}
+    assert set(endpoints) == {"http", "lmcache-metrics"}
+    # vLLM's /metrics repeats the engine's series (one multiprocess directory): kept once.
+    (drop,) = endpoints["http"]["metricRelabelings"]
+    assert (drop["action"], drop["regex"]) == ("drop", "lmcache[:_].*")
+    assert "metricRelabelings" not in endpoints["lmcache-metrics"]
     without_api = chartctl.objects(chartctl.render(chartctl.ValueSet("monitoring")))
     assert not of_kind(without_api, "ServiceMonitor")
     assert not of_kind(without_api, "PodMonitor")

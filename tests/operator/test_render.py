@@ -585,13 +585,20 @@ def test_rollout_strategy_is_exposed() -> None:
 
 
 def test_one_metrics_port_per_pod_whatever_the_tensor_parallelism() -> None:
-    """The engine serves every TP rank's metrics in one scrape on metrics_port."""
+    """Every TP rank's engine writes its metrics into one prometheus-client multiprocess
+    directory, and rank 0 serves them all on metrics_port: one scrape per pod."""
     spec = {"vllm": {"tensorParallelSize": 4}}
-    assert [(p["name"], p["containerPort"]) for p in container(spec)["ports"]] == [
+    c = container(spec)
+    assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [
         ("http", 8000),
         ("lmcache-metrics", 9090),
     ]
     assert config(spec)["metrics_port"] == 9090
+    assert env_of(c)["PROMETHEUS_MULTIPROC_DIR"] == api.METRICS_DIR
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == api.METRICS_DIR)
+    volume = volumes_by_name(spec)[mount["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory"  # fresh for every pod, as it must be
+    assert "PROMETHEUS_MULTIPROC_DIR" not in env_of(container({"metrics": {"enabled": False}}))
 
 
 def test_kv_events_publisher_per_pod_and_headless_service() -> None:

@@ -75,6 +75,8 @@ def env(spec: Spec, owner: Owner) -> list[dict[str, Any]]:
         {"name": "LMCACHE_CONFIG_FILE", "value": api.CONFIG_FILE},
         {"name": "HF_HOME", "value": spec.model_cache.path},
     ]
+    if spec.metrics_enabled:
+        out.append({"name": "PROMETHEUS_MULTIPROC_DIR", "value": api.METRICS_DIR})
     valkey_ref = auth_secret_ref(spec, owner)
     if valkey_ref:
         out.append(_secret_env("LMCACHE_REMOTE_PASSWORD", *valkey_ref))
@@ -133,6 +135,13 @@ def _volumes(spec: Spec, owner: Owner) -> tuple[list[dict[str, Any]], list[dict[
         {"name": "model-cache", "mountPath": spec.model_cache.path}
         | ({"readOnly": True} if spec.model_cache.read_only else {}),
     ]
+    if spec.metrics_enabled:
+        # Fresh for each pod (prometheus-client wants an empty directory at start); small
+        # files of counters, in memory.
+        volumes.append(
+            {"name": "prometheus-multiproc", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}
+        )
+        mounts.append({"name": "prometheus-multiproc", "mountPath": api.METRICS_DIR})
     if spec.lmcache.hugepages:
         volumes.append({"name": "hugepages", "emptyDir": {"medium": "HugePages-2Mi"}})
         mounts.append({"name": "hugepages", "mountPath": api.HUGEPAGES_DIR})
