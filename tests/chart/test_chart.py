@@ -310,22 +310,26 @@ def test_dashboard_is_sidecar_discoverable_and_uses_real_metrics(helm: Path) -> 
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(cm["data"]["lmcache-kube.json"])
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    used = {m for e in exprs for m in re.findall(r"\blmcache_[a-z_]+", e)}
+    used = {m for e in exprs for m in re.findall(r"\blmcache[_:][a-z_:]+", e)}
     assert used, "the dashboard queries no lmcache metrics"
     known = exported_metrics()
     assert used <= known, f"dashboard queries metrics nobody exports: {sorted(used - known)}"
+    upstream = {m for m in used if m.startswith("lmcache:")}
+    assert {"lmcache:num_lookup_hits_total", "lmcache:local_cache_usage"} <= upstream, (
+        "the engine's series under upstream LMCache's names"
+    )
 
 
 def exported_metrics() -> set[str]:
-    """Series names the engine and the operator export, read from their metric definitions."""
-    engine = (chartctl.REPO / "lmcache" / "metrics.py").read_text()
-    operator = (chartctl.REPO / "operator" / "lmcache_operator" / "metrics.py").read_text()
-    names = {f"lmcache_{n}_total" for n in re.findall(r'counter\(\s*"([a-z_]+)"', engine)}
-    names |= {f"lmcache_{n}" for n in re.findall(r'gauge\(\s*"([a-z_]+)"', engine)}
-    histograms = re.findall(r'Histogram\(\s*"([a-z_]+)"', engine + operator)
-    names |= {f"{h}_{s}" for h in histograms for s in ("bucket", "sum", "count")}
-    names |= set(re.findall(r'(?:Counter|Gauge)\(\s*"(lmcache_operator_[a-z_]+)"', operator))
-    return names
+    """Series names the engine and the operator export, read from their live registries."""
+    from prometheus_client import REGISTRY
+
+    import lmcache_operator.metrics  # noqa: F401 (registers the operator's metrics)
+    from lmcache.metrics import EngineMetrics
+
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    families = [*EngineMetrics("m").registry.collect(), *REGISTRY.collect()]
+    return {f.name + s for f in families for s in suffixes.get(f.type, ())}
 
 
 # --- release ---------------------------------------------------------------------------------
