@@ -322,9 +322,9 @@ def test_dashboard_is_sidecar_discoverable_and_uses_real_metrics(helm: Path) -> 
 
 def exported_metrics() -> set[str]:
     """Series names the engine and the operator export, read from their live registries."""
+    import lmcache_operator.metrics  # noqa: F401 (registers the operator's metrics)
     from prometheus_client import REGISTRY
 
-    import lmcache_operator.metrics  # noqa: F401 (registers the operator's metrics)
     from lmcache.metrics import EngineMetrics
 
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
