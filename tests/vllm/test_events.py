@@ -41,19 +41,18 @@ class Subscriber:
         publisher = rig.scheduler.kv_event_publisher
         publisher._event_queue.join()  # everything handed to the publisher is on the wire
         context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        sock = context.socket(zmq.REQ)
+        sock = context.socket(zmq.DEALER)
         sock.connect(self._replay)
         try:
-            sock.send((0).to_bytes(8, "big"))
+            sock.send_multipart([b"", (0).to_bytes(8, "big")])  # replay from the first batch
             decoder = msgspec.msgpack.Decoder(KVEventBatch)
             out = []
             while True:
                 assert sock.poll(10_000), "the publisher did not answer the replay request"
-                seq, payload = sock.recv_multipart()
+                seq, payload = sock.recv_multipart()[-2:]  # (topic,) seq, payload
                 if int.from_bytes(seq, "big", signed=True) == -1:
                     return out
                 out.append(decoder.decode(payload))
-                sock.send((int.from_bytes(seq, "big") + 1).to_bytes(8, "big"))
         finally:
             sock.close(linger=0)
 
