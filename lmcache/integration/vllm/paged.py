@@ -17,11 +17,15 @@ import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmcache.spec import KVSpec
 from lmcache.storage.manager import Reserved
+
+if TYPE_CHECKING:
+    from lmcache.integration.vllm.kernels import SlotCopier
 
 
 class PagedLayout(enum.Enum):
@@ -73,14 +77,28 @@ class PagedKVCache:
             self.block_size = shape[2]
             self.spec = KVSpec(len(layers), shape[3], shape[4], first.dtype)
 
-    def index(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block, offset) index tensors on the cache's device for slot ids of any shape
-        ``[..., n]``. On CUDA the ids go through pinned memory: a copy from pageable memory
-        may wait for the stream's queued work, stalling the CPU."""
+    @property
+    def strides(self) -> tuple[int, int, int, int, int]:
+        """Element strides of one layer as (kv, block, offset, head, dim); 0 where the layout
+        has no such axis (MLA has no K/V split and one "head")."""
+        s = self.layers[0].stride()
+        if self.layout is PagedLayout.KV_FIRST:
+            return s[0], s[1], s[2], s[3], s[4]
+        if self.layout is PagedLayout.BLOCK_FIRST:
+            return s[1], s[0], s[2], s[3], s[4]
+        return 0, s[0], s[1], 0, s[2]
+
+    def to_device(self, slots: torch.Tensor) -> torch.Tensor:
+        """Slot ids on the cache's device. On CUDA they go through pinned memory: a copy from
+        pageable memory may wait for the stream's queued work, stalling the CPU."""
         slots = slots.to(torch.long)
         if self.device.type == "cuda" and slots.device.type == "cpu":
             slots = slots.pin_memory()  # kept alive by PyTorch until the copy has run
-        slots = slots.to(self.device, non_blocking=True)
+        return slots.to(self.device, non_blocking=True)
+
+    def index(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) index tensors for slot ids (on the cache's device) of any shape
+        ``[..., n]``."""
         return slots // self.block_size, slots % self.block_size
 
     def read(self, layer: int, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -137,11 +155,11 @@ def store_jobs(reserved: Reserved, slots: torch.Tensor, first_token: int = 0) ->
 
 @dataclass(frozen=True)
 class _Batch:
-    """Jobs with the same chunk length and range, with their slots indexed as ``[m, hi-lo]``:
-    one staging tensor and one gather or scatter per layer serve all of them."""
+    """Jobs with the same chunk length and range, with their slots as ``[m, hi-lo]`` on the
+    cache's device: one staging tensor and one gather or scatter serve all of them."""
 
     jobs: list[ChunkJob]
-    index: tuple[torch.Tensor, torch.Tensor]
+    slots: torch.Tensor
 
     @property
     def lo(self) -> int:
@@ -201,6 +219,26 @@ class PagedTransfer:
         self._store = _Direction(cache.device, staging_bytes) if cuda else None
         self._load = _Direction(cache.device, staging_bytes) if cuda else None
         self._layer_events: list[torch.cuda.Event] = []
+        self._copier: SlotCopier | None = None
+        if cuda:
+            from lmcache.integration.vllm.kernels import SlotCopier
+
+            self._copier = SlotCopier(cache.layers, cache.strides, cache.block_size)
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile the kernel's variants now, not in a request's step: slot 0 of every layer
+        is copied out and back unchanged (before any request owns it)."""
+        spec = self.cache.spec
+        num_layers = len(self.cache.layers)
+        probe = torch.empty(spec.shape(1), dtype=spec.dtype)
+        slot = torch.zeros(1, dtype=torch.long)
+        batch = _Batch([ChunkJob(probe, 0, 1, slot)], self.cache.to_device(slot[None]))
+        staged = torch.empty((1, *spec.shape(1)), dtype=spec.dtype, device=self.cache.device)
+        self._gather(staged, batch, 0, num_layers)
+        self._scatter(staged, batch, 0, num_layers)
+        self._scatter(staged[:, :1], batch, 0, 1)  # the layer-wise loads' shape
+        torch.cuda.synchronize(self.cache.device)
 
     def _batches(self, jobs: Sequence[ChunkJob], num_layers: int, budget: int) -> list[_Batch]:
         """``jobs`` grouped by (chunk length, lo, hi) and split so that staging
@@ -215,8 +253,43 @@ class PagedTransfer:
             for start in range(0, len(group), size):
                 part = group[start : start + size]
                 slots = torch.stack([job.slots for job in part])
-                batches.append(_Batch(part, self.cache.index(slots)))
+                batches.append(_Batch(part, self.cache.to_device(slots)))
         return batches
+
+    def _gather(self, staged: torch.Tensor, batch: _Batch, first: int, num_layers: int) -> None:
+        """Layers ``[first, first + num_layers)`` of the batch's slots into ``staged``
+        (``[m, num_layers, kv, n, heads, head]``, positions ``lo:hi``)."""
+        self._move(staged, batch, first, num_layers, to_staging=True)
+
+    def _scatter(self, staged: torch.Tensor, batch: _Batch, first: int, num_layers: int) -> None:
+        self._move(staged, batch, first, num_layers, to_staging=False)
+
+    def _move(
+        self, staged: torch.Tensor, batch: _Batch, first: int, num_layers: int, to_staging: bool
+    ) -> None:
+        lo, hi = batch.lo, batch.hi
+        if self._copier is not None:  # one launch for every layer of the batch
+            spec = self.cache.spec
+            self._copier(
+                staged,
+                batch.slots.flatten(),
+                hi - lo,
+                staged.shape[3],
+                lo,
+                first,
+                num_layers,
+                spec.kv_factor,
+                spec.num_kv_heads,
+                spec.head_size,
+                to_staging,
+            )
+            return
+        index = self.cache.index(batch.slots)
+        for layer in range(num_layers):
+            if to_staging:
+                staged[:, layer, :, lo:hi] = self.cache.read(first + layer, index)
+            else:
+                self.cache.write(first + layer, index, staged[:, layer, :, lo:hi])
 
     def _view(self, buffer: torch.Tensor, batch: _Batch, num_layers: int) -> torch.Tensor:
         """A staging buffer as ``[m, num_layers, kv, n, heads, head]`` for ``batch``."""
@@ -250,8 +323,9 @@ class PagedTransfer:
         d = self._store
         if d is None:
             for batch in self._batches(jobs, num_layers, self._budget(d)):
+                index = cache.index(batch.slots)
                 for layer in range(num_layers):
-                    kv = cache.read(layer, batch.index)
+                    kv = cache.read(layer, index)
                     for job, chunk in zip(batch.jobs, kv, strict=True):
                         job.kv[layer, :, batch.lo : batch.hi].copy_(chunk)
             return None
@@ -265,8 +339,7 @@ class PagedTransfer:
             with torch.cuda.stream(d.kernel):
                 d.wait_free(d.kernel, i)  # its last batch is on the host
                 staged = self._view(buffer, batch, num_layers)
-                for layer in range(num_layers):
-                    staged[:, layer, :, lo:hi] = cache.read(layer, batch.index)
+                self._gather(staged, batch, 0, num_layers)
                 gathered = self._record(d.kernel)
             with torch.cuda.stream(d.copy):
                 d.copy.wait_event(gathered)
@@ -300,9 +373,10 @@ class PagedTransfer:
         d = self._load
         if d is None:
             for batch in self._batches(jobs, num_layers, self._budget(d)):
+                index = cache.index(batch.slots)
                 for layer in range(num_layers):
                     kv = torch.stack([job.kv[layer, :, batch.lo : batch.hi] for job in batch.jobs])
-                    cache.write(layer, batch.index, kv)
+                    cache.write(layer, index, kv)
             return None
         per_step = 1 if layerwise else num_layers
         d.kernel.wait_stream(torch.cuda.current_stream(cache.device))
@@ -321,9 +395,7 @@ class PagedTransfer:
                 arrived = self._record(d.copy)
             with torch.cuda.stream(d.kernel):
                 d.kernel.wait_event(arrived)
-                for offset in range(per_step):
-                    kv = staged[:, offset, :, batch.lo : batch.hi]
-                    cache.write(first + offset, batch.index, kv)
+                self._scatter(staged, batch, first, per_step)
                 d.free[i] = self._record(d.kernel)
             if layerwise and (n + 1) % len(batches) == 0:
                 self._layer_events.append(self._record(d.kernel))
