@@ -12,7 +12,8 @@ in shuffled blocks, as after a while of serving. Measured in the same run:
   then published);
 * load: the connector's path back (one DMA per pinned chunk into device staging, one scatter
   per layer per batch), after wiping the paged cache; whole-request and layer by layer;
-* both again with other staging sizes, to show where the default sits.
+* both again with PyTorch indexing instead of the one-launch Triton kernel, and with other
+  staging sizes, to show where the default sits.
 
 The raw copies use the pool's own memory (one ``cudaHostRegister``ed allocation), so both
 sides of each ratio move the same bytes between the same kinds of memory.
@@ -139,6 +140,7 @@ def run(num_tokens: int, chunk_size: int, repeat: int, staging_mib: list[int]) -
 
         measure(PagedTransfer(cache), "")
         if cuda:
+            measure(PagedTransfer(cache, fused=False), "torch_indexing_")
             for mib in staging_mib:
                 measure(PagedTransfer(cache, mib << 20), f"staging{mib}MiB_")
     return result

@@ -213,14 +213,18 @@ class PagedTransfer:
     Completion is an event the caller polls: nothing here waits on the CPU.
     """
 
-    def __init__(self, cache: PagedKVCache, staging_bytes: int = STAGING_BYTES) -> None:
+    def __init__(
+        self, cache: PagedKVCache, staging_bytes: int = STAGING_BYTES, fused: bool = True
+    ) -> None:
+        """``fused``: on CUDA, gather and scatter with the one-launch Triton kernel (else
+        with PyTorch indexing, one gather or scatter per layer: kept for comparison)."""
         self.cache = cache
         cuda = cache.device.type == "cuda"
         self._store = _Direction(cache.device, staging_bytes) if cuda else None
         self._load = _Direction(cache.device, staging_bytes) if cuda else None
         self._layer_events: list[torch.cuda.Event] = []
         self._copier: SlotCopier | None = None
-        if cuda:
+        if cuda and fused:
             from lmcache.integration.vllm.kernels import SlotCopier
 
             self._copier = SlotCopier(cache.layers, cache.strides, cache.block_size)
