@@ -261,6 +261,91 @@ def compare_outputs(systems: Result) -> None:
             )
 
 
+def launch(
+    args: argparse.Namespace,
+    layout: serve_systems.Layout,
+    flags: list[str],
+    logs: dict[str, Path],
+    environ: dict[str, str],
+    results: Result,
+    servers: dict[str, serve_systems.Launched],
+) -> None:
+    """Start (or attach) every system's server and wait until each is healthy or has failed.
+
+    With ``--upstream-build``, upstream's server starts once that command succeeds, while the
+    others are already starting. ``servers`` is filled as they start, so the caller stops them
+    even if this raises. Every system's status lands in ``results``.
+    """
+    systems: Result = results["systems"]
+    commands: Result = results["meta"].setdefault("commands", {})
+    specs: dict[str, serve_systems.ServerSpec] = {}
+    began = time.monotonic()
+    for name in args.systems:
+        systems[name] = {"status": "starting"}
+        if name in args.attach:
+            servers[name] = serve_systems.Launched(args.attach[name], None, began)
+            systems[name]["attached"] = args.attach[name]
+            continue
+        port = free_port()
+        try:
+            specs[name] = serve_systems.server_spec(name, layout, port, flags, args.cpu_gb)
+        except ValueError as error:
+            systems[name] = {"status": "failed", "error": str(error)}
+            continue
+        commands[name] = {"argv": specs[name].argv, "env": specs[name].env}
+    build = None
+    if args.upstream_build and "upstream" in specs:
+        build_log = logs["upstream"].with_name(logs["upstream"].stem + "-build.log")
+        with build_log.open("wb") as sink:
+            build = subprocess.Popen(
+                ["bash", "-c", args.upstream_build], stdout=sink, stderr=subprocess.STDOUT
+            )
+        systems["upstream"]["build_log"] = str(build_log)
+    for name, spec in specs.items():
+        if not (name == "upstream" and build is not None):
+            servers[name] = serve_systems.Launched(
+                f"http://127.0.0.1:{spec.port}",
+                serve_systems.start(spec, logs[name], environ),
+                time.monotonic(),
+            )
+    deadline = began + args.startup_timeout
+    if build is not None:
+        print(f"building upstream LMCache: {args.upstream_build}", flush=True)
+        try:
+            code: int | None = build.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            build.kill()
+            code = None
+        build_s = time.monotonic() - began
+        systems["upstream"]["build_s"] = build_s
+        if code == 0:
+            spec = specs["upstream"]
+            servers["upstream"] = serve_systems.Launched(
+                f"http://127.0.0.1:{spec.port}",
+                serve_systems.start(spec, logs["upstream"], environ),
+                time.monotonic(),
+            )
+        else:
+            systems["upstream"].update(
+                {
+                    "status": "failed",
+                    "error": f"--upstream-build exited with {code} after {build_s:.0f} s",
+                    "log_tail": serve_systems.log_tail(Path(systems["upstream"]["build_log"])),
+                }
+            )
+        print(f"  upstream build: exit {code} after {build_s:.0f} s", flush=True)
+    print(f"waiting for {', '.join(servers)} ...", flush=True)
+    for name, (startup_s, problem) in serve_systems.wait_healthy(servers, deadline).items():
+        systems[name].update(
+            {
+                "status": "ok" if problem is None else "failed",
+                "startup_s": startup_s,
+                "error": problem,
+            }
+        )
+        print(f"  {name}: {problem or f'healthy {startup_s:.0f} s after its launch'}", flush=True)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--systems", default=",".join(serve_systems.SYSTEMS), help="comma list")
@@ -291,7 +376,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.14)
     p.add_argument("--max-model-len", type=int, default=16384)
     p.add_argument("--extra-vllm-args", default="", help="more flags for every server (one string)")
-    p.add_argument("--startup-timeout", type=float, default=420)
+    p.add_argument(
+        "--upstream-build",
+        default="",
+        help="shell command that builds upstream LMCache; its server starts when it succeeds",
+    )
+    p.add_argument(
+        "--startup-timeout", type=float, default=420, help="for all servers, builds included"
+    )
     p.add_argument("--request-timeout", type=float, default=300)
     p.add_argument("--pcie-gib", type=float, default=2.0, help="raw pinned copy size; 0 skips it")
     p.add_argument(
@@ -422,40 +514,10 @@ def main(argv: list[str] | None = None) -> int:
         shlex.split(args.extra_vllm_args),
     )
     systems: Result = results["systems"]
-    urls: dict[str, str] = {}
-    processes: dict[str, subprocess.Popen[bytes]] = {}
     logs = {name: out.parent / f"{out.stem}-{name}.log" for name in args.systems}
-    commands: Result = {}
-    for name in args.systems:
-        systems[name] = {"status": "starting"}
-        if name in args.attach:
-            urls[name] = args.attach[name]
-            systems[name]["attached"] = urls[name]
-            continue
-        port = free_port()
-        try:
-            spec = serve_systems.server_spec(name, layout, port, flags, args.cpu_gb)
-        except ValueError as error:
-            systems[name] = {"status": "failed", "error": str(error)}
-            continue
-        commands[name] = {"argv": spec.argv, "env": spec.env}
-        processes[name] = serve_systems.start(spec, logs[name], environ)
-        urls[name] = f"http://127.0.0.1:{port}"
-    results["meta"]["commands"] = commands
+    servers: dict[str, serve_systems.Launched] = {}
     try:
-        print(f"waiting for {', '.join(urls)} ...", flush=True)
-        health = serve_systems.wait_healthy(
-            {n: (u, processes.get(n)) for n, u in urls.items()}, args.startup_timeout
-        )
-        for name, (startup_s, problem) in health.items():
-            systems[name].update(
-                {
-                    "status": "ok" if problem is None else "failed",
-                    "startup_s": startup_s,
-                    "error": problem,
-                }
-            )
-            print(f"  {name}: {problem or f'healthy after {startup_s:.0f} s'}", flush=True)
+        launch(args, layout, flags, logs, environ, results, servers)
         write_json(out, results)
         for name in args.systems:
             if systems[name]["status"] != "ok":
@@ -463,19 +525,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"measuring {name} ...", flush=True)
             try:
                 systems[name].update(
-                    asyncio.run(measure_system(name, urls[name], args, long_doc, chat))
+                    asyncio.run(measure_system(name, servers[name].url, args, long_doc, chat))
                 )
             except Exception as error:  # one system's failure must not lose the others' numbers
                 systems[name].update(
                     {"status": "failed", "error": f"{type(error).__name__}: {error}"}
                 )
             finally:
-                if name in processes:
-                    serve_systems.stop(processes.pop(name))
+                servers[name].stop()
             write_json(out, results)
     finally:
-        for process in processes.values():
-            serve_systems.stop(process)
+        for server in servers.values():
+            server.stop()
     for name in args.systems:
         if name in logs and logs[name].exists():
             systems[name]["log"] = str(logs[name])

@@ -66,6 +66,7 @@ class Layout:
 @dataclass(frozen=True)
 class ServerSpec:
     name: str
+    port: int
     argv: list[str]
     env: dict[str, str]
     """Variables set on top of the driver's environment."""
@@ -136,7 +137,7 @@ def server_spec(
         *flags,
         *offload,
     ]
-    return ServerSpec(name, argv, env)
+    return ServerSpec(name, port, argv, env)
 
 
 def start(spec: ServerSpec, log_path: Path, environ: Mapping[str, str]) -> subprocess.Popen[bytes]:
@@ -173,27 +174,44 @@ def healthy(url: str) -> bool:
         return False
 
 
-def wait_healthy(
-    servers: Mapping[str, tuple[str, subprocess.Popen[bytes] | None]], deadline_s: float
-) -> dict[str, tuple[float | None, str | None]]:
-    """Poll every server's ``/health`` until each is up, has exited, or the deadline passes.
+@dataclass
+class Launched:
+    url: str
+    process: subprocess.Popen[bytes] | None
+    """None for a server the driver attached to (or has stopped)."""
+    at: float
+    """``time.monotonic()`` at launch."""
 
-    Returns ``{name: (seconds to healthy, error)}``; one server's failure does not stop the
-    others' wait.
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None
+
+
+def wait_healthy(
+    servers: Mapping[str, Launched], deadline: float
+) -> dict[str, tuple[float | None, str | None]]:
+    """Poll every server's ``/health`` until each is up, has exited, or ``deadline`` (monotonic).
+
+    Returns ``{name: (seconds from launch to healthy, error)}``; one server's failure does not
+    stop the others' wait.
     """
-    started = time.monotonic()
     status: dict[str, tuple[float | None, str | None]] = {}
     while len(status) < len(servers):
-        for name, (url, process) in servers.items():
+        for name, server in servers.items():
             if name in status:
                 continue
-            if process is not None and process.poll() is not None:
-                status[name] = (None, f"exited with code {process.returncode} before healthy")
-            elif healthy(url):
-                status[name] = (time.monotonic() - started, None)
-        if time.monotonic() - started > deadline_s:
-            for name in servers:
-                status.setdefault(name, (None, f"not healthy after {deadline_s:.0f} s"))
+            if server.process is not None and server.process.poll() is not None:
+                status[name] = (
+                    None,
+                    f"exited with code {server.process.returncode} before healthy",
+                )
+            elif healthy(server.url):
+                status[name] = (time.monotonic() - server.at, None)
+        if time.monotonic() > deadline:
+            for name, server in servers.items():
+                waited = time.monotonic() - server.at
+                status.setdefault(name, (None, f"not healthy {waited:.0f} s after its launch"))
         elif len(status) < len(servers):
             time.sleep(1)  # polling external servers' readiness, bounded by the deadline
     return status

@@ -120,7 +120,7 @@ def main(argv: list[str]) -> int:
         return 1
     port = int(argv[argv.index("--port") + 1])
     offloads = "--kv-transfer-config" in argv or "--kv-offloading-size" in argv
-    corrupt_path = os.environ.get("FAKE_VLLM_CORRUPT_PATH")
+    corrupt_path = os.environ.get("FAKE_VLLM_CORRUPT_PATH", "")
     corrupt = bool(corrupt_path) and corrupt_path in os.environ.get("PYTHONPATH", "")
     server = ThreadingHTTPServer(("127.0.0.1", port), handler(State(offloads, corrupt)))
     print(f"fake-vllm: serving on {port}, offloads={offloads}", flush=True)

@@ -124,6 +124,21 @@ def test_targets_use_the_gpu_hit_plus_kv_bytes_at_raw_h2d_as_the_warm_floor() ->
     assert found["cold TTFT overhead, native vs vLLM alone"]["ok"] is None  # did not run
 
 
+SMALL = [
+    "--python", sys.executable,
+    "--vllm-module", "tests.benchmarks.fake_vllm",
+    "--site", str(REPO),
+    "--pcie-gib", "0.001",
+    "--prompt-tokens", "97", "--prompts", "2", "--check-tokens", "4",
+    "--doc-tokens", "300", "--docs", "3", "--doc-repeat", "2", "--doc-output-tokens", "4",
+    "--in-flight", "4",
+    "--chat-users", "3", "--chat-rounds", "2", "--chat-system-tokens", "50",
+    "--chat-user-tokens", "100", "--chat-question-tokens", "8", "--chat-answer-tokens", "4",
+    "--chat-qps", "50",
+    "--startup-timeout", "60",
+]  # fmt: skip
+
+
 def test_dry_run_against_stand_in_servers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)  # `python -m tests.benchmarks.fake_vllm` resolves from here
     monkeypatch.setenv("FAKE_VLLM_FAIL_FLAG", "--kv-offloading-size")  # native fails to start
@@ -131,18 +146,9 @@ def test_dry_run_against_stand_in_servers(tmp_path: Path, monkeypatch: pytest.Mo
     out = tmp_path / "serve.json"
     code = main(
         [
-            "--python", sys.executable,
-            "--vllm-module", "tests.benchmarks.fake_vllm",
-            "--site", str(REPO),
+            *SMALL,
             "--upstream-path", str(tmp_path / "upstream-lmcache"),
-            "--pcie-gib", "0.001",
-            "--prompt-tokens", "97", "--prompts", "2", "--check-tokens", "4",
-            "--doc-tokens", "300", "--docs", "3", "--doc-repeat", "2", "--doc-output-tokens", "4",
-            "--in-flight", "4",
-            "--chat-users", "3", "--chat-rounds", "2", "--chat-system-tokens", "50",
-            "--chat-user-tokens", "100", "--chat-question-tokens", "8", "--chat-answer-tokens", "4",
-            "--chat-qps", "50",
-            "--startup-timeout", "60",
+            "--upstream-build", "echo upstream ops built",
             "--out", str(out),
         ]
     )  # fmt: skip
@@ -176,9 +182,32 @@ def test_dry_run_against_stand_in_servers(tmp_path: Path, monkeypatch: pytest.Mo
     assert systems["upstream"]["seed"]["check"]["warm_equals_reference"] is False
     commands = results["meta"]["commands"]
     assert commands["upstream"]["env"]["PYTHONPATH"].startswith(str(tmp_path / "upstream-lmcache"))
+    assert Path(systems["upstream"]["build_log"]).read_text() == "upstream ops built\n"
     found = {t["name"]: t for t in results["targets"]}
     assert found["warm greedy output == vLLM GPU-hit output, upstream"]["ok"] is False
     assert found["cold TTFT overhead, ours vs vLLM alone"]["value"] is not None
     assert results["pcie"]["h2d_gbps"] > 0
     png = out.with_suffix(".png")
     assert results["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failed_upstream_build_fails_upstream_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "serve.json"
+    code = main(
+        [
+            *SMALL,
+            "--systems", "vllm,upstream",
+            "--upstream-path", str(tmp_path / "upstream-lmcache"),
+            "--upstream-build", "echo nvcc exploded; exit 3",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 1
+    systems = json.loads(out.read_text())["systems"]
+    assert systems["upstream"]["status"] == "failed"
+    assert "--upstream-build exited with 3" in systems["upstream"]["error"]
+    assert systems["upstream"]["log_tail"] == ["nvcc exploded"]
+    assert systems["vllm"]["status"] == "ok" and systems["vllm"]["chat"]["requests"] == 6
