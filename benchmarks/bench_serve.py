@@ -153,6 +153,10 @@ async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) ->
             "cold_token_ids": cold_ids,
             "warm_token_ids": warm_ids,
             "warm_equals_cold": cold_ids == warm_ids,
+            # With vLLM's default dummy weights every prompt gives the same tokens: then "equal"
+            # proves nothing. Distinct prompts must give distinct outputs.
+            "outputs_differ_across_prompts": len(cold_ids) > 1
+            and len({tuple(ids) for ids in cold_ids}) == len(cold_ids),
         },
     }
 
@@ -399,7 +403,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="963 blocks of 16 + 1: a GPU hit and a connector load leave the same token to compute",
     )
     p.add_argument("--prompts", type=int, default=3)
-    p.add_argument("--check-prompts", type=int, default=1)
+    p.add_argument("--check-prompts", type=int, default=2)
     p.add_argument("--check-tokens", type=int, default=16)
     p.add_argument("--doc-tokens", type=int, default=16000)
     p.add_argument("--docs", type=int, default=0, help="0: as many as fill 85%% of the CPU pool")

@@ -129,7 +129,7 @@ SMALL = [
     "--vllm-module", "tests.benchmarks.fake_vllm",
     "--site", str(REPO),
     "--pcie-gib", "0.001",
-    "--prompt-tokens", "97", "--prompts", "2", "--check-tokens", "4",
+    "--prompt-tokens", "97", "--prompts", "2", "--check-prompts", "2", "--check-tokens", "4",
     "--doc-tokens", "300", "--docs", "3", "--doc-repeat", "2", "--doc-output-tokens", "4",
     "--in-flight", "4",
     "--chat-users", "3", "--chat-rounds", "2", "--chat-system-tokens", "50",
@@ -177,6 +177,7 @@ def test_dry_run_against_stand_in_servers(tmp_path: Path, monkeypatch: pytest.Mo
     assert systems["ours"]["long_doc"]["query"]["hit_tokens"] == {"gpu": 6 * 299, "external": 0}
     assert any("LMCache" in line for line in systems["ours"]["log_lines"])
     # The output check: equal for ours, caught for the server that loads wrong KV.
+    assert systems["vllm"]["seed"]["check"]["outputs_differ_across_prompts"] is True
     assert systems["ours"]["seed"]["check"]["warm_equals_reference"] is True
     assert systems["upstream"]["seed"]["check"]["warm_equals_cold"] is False
     assert systems["upstream"]["seed"]["check"]["warm_equals_reference"] is False
