@@ -389,6 +389,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--startup-timeout", type=float, default=420, help="for all servers, builds included"
     )
     p.add_argument("--request-timeout", type=float, default=300)
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=480,
+        help="start no system's measurements after this many seconds (the device's "
+        "calls stop at 600 s: the JSON and the plot must be written before)",
+    )
     p.add_argument("--pcie-gib", type=float, default=2.0, help="raw pinned copy size; 0 skips it")
     p.add_argument(
         "--transfer",
@@ -525,6 +532,11 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, results)
         for name in args.systems:
             if systems[name]["status"] != "ok":
+                continue
+            if time.monotonic() - began > args.budget_s:
+                systems[name].update(
+                    {"status": "skipped", "error": f"--budget-s {args.budget_s:.0f} s spent"}
+                )
                 continue
             print(f"measuring {name} ...", flush=True)
             try:

@@ -2,7 +2,7 @@
 
 The GPU machine has no network and a call carries at most 64 MiB with the working tree, so the
 packages travel as slices of one xz tar, a part folder per call (``OUT/part1``, ``OUT/part2``...,
-each <= 60 MiB with the ``MANIFEST`` every part repeats). ``install.sh PARTDIR`` there collects them
+each <= 56 MiB with the ``MANIFEST`` every part repeats). ``install.sh PARTDIR`` there collects them
 and unpacks once all have arrived. The tar holds, ready to put on ``PYTHONPATH``:
 
 * ``site/`` -> ``/tmp/site``: ``site.txt``'s wheels (CPython 3.12, x86-64), trimmed of what a
@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PART_BYTES = 60 << 20
+PART_BYTES = 56 << 20  # leaves 8 MiB of a call for the working tree
 PYTHON_VERSION = "3.12"
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in range(5, 40)] + [
     "manylinux2014_x86_64",

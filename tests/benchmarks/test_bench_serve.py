@@ -212,3 +212,16 @@ def test_a_failed_upstream_build_fails_upstream_only(
     assert "--upstream-build exited with 3" in systems["upstream"]["error"]
     assert systems["upstream"]["log_tail"] == ["nvcc exploded"]
     assert systems["vllm"]["status"] == "ok" and systems["vllm"]["chat"]["requests"] == 6
+
+
+def test_past_the_budget_systems_are_skipped_and_the_files_still_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "serve.json"
+    code = main([*SMALL, "--systems", "vllm", "--budget-s", "0", "--out", str(out)])
+    assert code == 1
+    results = json.loads(out.read_text())
+    assert results["systems"]["vllm"]["status"] == "skipped"
+    assert "--budget-s 0 s spent" in results["systems"]["vllm"]["error"]
+    assert out.with_suffix(".png").exists()
