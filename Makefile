@@ -53,10 +53,7 @@ bench: $(STAMP) ## engine store/retrieve/lookup throughput vs raw torch copies (
 bench-vllm-transfer: $(STAMP) ## GPU: vLLM paged cache <-> pinned pool vs raw PCIe copies (writes .bench/vllm_transfer.json)
 	$(PY) benchmarks/bench_vllm_transfer.py --out .bench/vllm_transfer.json
 
-bench-serve: $(STAMP) ## GPU: the seed's cold/warm TTFT with a real vllm serve (writes .bench/vllm_serve.json)
-	$(PY) benchmarks/bench_vllm_serve.py --out .bench/vllm_serve.json --log .bench/vllm_serve.log
-
-.PHONY: help venv venv-vllm-latest lint unit unit-vllm-latest test demo bench bench-vllm-transfer bench-serve
+.PHONY: help venv venv-vllm-latest lint unit unit-vllm-latest test demo bench bench-vllm-transfer
 
 -include e2e/e2e.mk
 -include operator/operator.mk

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from pinned import raw_copy, timed
 
 from lmcache import KVSpec, LMCacheEngine, LMCacheEngineConfig
 from lmcache.integration.vllm.paged import ChunkJob, PagedKVCache, PagedTransfer, store_jobs
@@ -39,30 +37,6 @@ from lmcache.integration.vllm.paged import ChunkJob, PagedKVCache, PagedTransfer
 LLAMA_8B = KVSpec(num_layers=32, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
 BLOCK = 16
 GIB = 1 << 30
-
-
-def timed(fn: Callable[[], object], repeat: int, sync: Callable[[], None]) -> float:
-    """Median wall time of ``fn`` (completed on the device) over ``repeat`` runs."""
-    fn()
-    sync()
-    samples = []
-    for _ in range(repeat):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def raw_copy(
-    host: torch.Tensor, device: torch.device, repeat: int, sync: Callable[[], None]
-) -> tuple[float, float]:
-    """Seconds for one copy of ``host`` (pinned) to and from the device (h2d, d2h)."""
-    dev = torch.empty(host.numel(), dtype=torch.uint8, device=device)
-    h2d = timed(lambda: dev.copy_(host, non_blocking=True), repeat, sync)
-    d2h = timed(lambda: host.copy_(dev, non_blocking=True), repeat, sync)
-    return h2d, d2h
 
 
 def paged_cache(num_tokens: int, device: torch.device) -> tuple[PagedKVCache, torch.Tensor]:
