@@ -12,10 +12,19 @@ STAMP := $(VENV)/.installed
 help: ## list targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN{FS=":.*?## "}{printf "  %-18s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml operator/pyproject.toml
+# Installs go through uv: its cache sits beside the venvs (same filesystem), so both venvs
+# hardlink one copy of each file instead of holding their own; GPU-only kernel packages are left
+# out on CPU machines (requirements/gpu-kernels.txt).
+UV_VERSION := 0.13.9
+UV := $(VENV)/bin/uv
+VENV_EXCLUDES ?= requirements/gpu-kernels.txt
+UV_INSTALL = UV_CACHE_DIR=$(CURDIR)/.cache/uv UV_NATIVE_TLS=1 $(UV) pip install -q \
+	$(if $(VENV_EXCLUDES),--excludes $(VENV_EXCLUDES))
+
+$(STAMP): pyproject.toml operator/pyproject.toml $(VENV_EXCLUDES)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[dev,vllm]' -e './operator[dev]'
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(UV_INSTALL) --python $(PY) -e '.[dev,vllm]' -e './operator[dev]'
 	touch $@
 
 venv: $(STAMP) ## create .venv with the engine, the operator, vLLM and the dev tools
@@ -23,10 +32,9 @@ venv: $(STAMP) ## create .venv with the engine, the operator, vLLM and the dev t
 VENV_LATEST := .venv-vllm-latest
 STAMP_LATEST := $(VENV_LATEST)/.installed
 
-$(STAMP_LATEST): pyproject.toml
+$(STAMP_LATEST): pyproject.toml $(VENV_EXCLUDES) $(STAMP)
 	$(PYTHON) -m venv $(VENV_LATEST)
-	$(VENV_LATEST)/bin/python -m pip install -q --upgrade pip setuptools wheel
-	$(VENV_LATEST)/bin/python -m pip install -q -e '.[dev,vllm-latest]'
+	$(UV_INSTALL) --python $(VENV_LATEST)/bin/python -e '.[dev,vllm-latest]'
 	touch $@
 
 venv-vllm-latest: $(STAMP_LATEST) ## a second venv with the newest vLLM (the vllm-latest extra)
