@@ -70,10 +70,11 @@ def requirements(path: Path) -> tuple[list[str], list[str], list[str]]:
     """(runtime pins, build pins, sdist URLs) of a list file: ``build:`` lines are build pins."""
     runtime, build, urls = [], [], []
     for raw in path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip() if not raw.startswith("http") else raw.strip()
+        url = raw.strip().startswith(("https://", "http://"))
+        line = raw.strip() if url else raw.split("#", 1)[0].strip()
         if not line:
             continue
-        if line.startswith("http"):
+        if url:
             urls.append(line)
         elif line.startswith("build:"):
             build.append(line.removeprefix("build:").strip())

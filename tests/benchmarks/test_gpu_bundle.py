@@ -119,3 +119,22 @@ def test_the_serving_path_imports_with_only_the_image_and_the_bundle() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     missing = json.loads(done.stdout.strip().splitlines()[-1])
     assert missing == {}, f"add to benchmarks/gpu/site.txt what provides: {missing}"
+
+
+def test_list_files_tell_pins_from_urls(tmp_path: Path) -> None:
+    """A package named http... (httpx2) is a pin, not an sdist URL; comments are dropped."""
+    sys.path.insert(0, str(GPU))
+    try:
+        from bundle import requirements
+    finally:
+        sys.path.remove(str(GPU))
+    listing = tmp_path / "list.txt"
+    listing.write_text(
+        "# header\nhttpx2==2.16.2  # a comment\nbuild: ninja==1.13.0\n"
+        "https://example.org/lmcache-0.5.6.tar.gz#sha256=ab\n"
+    )
+    runtime, build, urls = requirements(listing)
+    assert runtime == ["httpx2==2.16.2"]
+    assert build == ["ninja==1.13.0"]
+    assert urls == ["https://example.org/lmcache-0.5.6.tar.gz#sha256=ab"]
+    assert set(requirements(GPU / "site.txt")[0]) >= {"httpx2==2.16.2", "httpcore2==2.16.2"}
