@@ -5,6 +5,7 @@
 #   images/build.sh build -f DOCKERFILE -t TAG [--build-arg K=V]... CONTEXT
 #   images/build.sh exists TAG     exit 0 when the builder's local store holds TAG
 #   images/build.sh save TAG       TAG as a docker-archive on stdout (what `ctr images import` reads)
+#   images/build.sh load FILE      a docker-archive into the builder's local store
 #   images/build.sh which          the builder's name
 #
 # Builds use the host network: RUN steps reach the package registries without a bridge, NAT
@@ -50,9 +51,15 @@ case $cmd in
       docker) exec docker save "$1" ;;
     esac
     ;;
+  load)
+    case $builder in
+      buildah) exec buildah pull --quiet docker-archive:"$1" ;;
+      *) exec "$builder" load --quiet --input "$1" ;;
+    esac
+    ;;
   which) echo "$builder" ;;
   *)
-    echo "usage: images/build.sh build|exists|save|which ..." >&2
+    echo "usage: images/build.sh build|exists|save|load|which ..." >&2
     exit 2
     ;;
 esac

@@ -28,7 +28,7 @@ images: ## build the operator and vllm-lmcache images (docker, podman or buildah
 		-t $(IMAGE_REGISTRY)/vllm-lmcache:$(IMAGE_VERSION) .
 
 images-check: $(STAMP) $(IMAGES_TOOLS_STAMP) ## lint the Dockerfiles and run their install steps in clean venvs
-	$(IMAGES_TOOLS)/bin/hadolint --config images/.hadolint.yaml images/*/Dockerfile
+	$(IMAGES_TOOLS)/bin/hadolint --config images/.hadolint.yaml images/*/Dockerfile e2e/images/*/Dockerfile
 	$(PY) images/check_images.py all
 
 images-lock: $(IMAGES_TOOLS_STAMP) ## re-lock the images' Python dependencies (hashes) with uv
