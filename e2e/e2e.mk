@@ -23,8 +23,8 @@ bench-operator: $(STAMP) e2e-tools ## operator benchmark: 1000 LMCacheDeployment
 
 .PHONY: bench-operator
 
-e2e-images: ## build the real node's images (cached by content hash; e2e-up builds them too)
-	$(PYTHON) -m e2e.images
+e2e-images: ## build the real node's images (cached by content hash) and load them into a running real node
+	$(PYTHON) -m e2e.node images
 
 demo-k8s: $(STAMP) e2e-tools ## local cluster + real node: helm install, the Valkey example, a KV round trip between two pods
 	$(PY) -m e2e.demo_k8s

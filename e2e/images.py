@@ -246,6 +246,7 @@ def ensure(name: str, refs: dict[str, str]) -> str:
     with staged_context(image) as ctx:
         run_logged(name, [str(BUILD), *args, str(ctx)])
     log(f"built {ref} in {time.monotonic() - started:.0f} s")
+    builder("prune", ref)  # earlier builds of this image: gigabytes for the engine chain
     if image.archive:
         save_archive(ref, archive)
     return ref

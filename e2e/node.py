@@ -460,8 +460,13 @@ def containerd_up() -> bool:
 
 def import_images(state: NodeState) -> None:
     """The node's images into containerd (a tag already there is kept: containerd's store under
-    NODE_DIR survives `down`), streamed from the builder's store."""
+    NODE_DIR survives `down`), streamed from the builder's store. The kubelet may also have
+    collected one under disk pressure: then it is imported again."""
     have = set(ctr("images", "ls", "-q").split())
+    wanted = {state.images[name] for name in images.NODE_IMAGES}
+    stale = [ref for ref in have if ref.startswith(images.REGISTRY + "/") and ref not in wanted]
+    if stale:  # earlier builds: their snapshots go with them (containerd's GC)
+        ctr("images", "rm", *stale, check=False)
     for name in images.NODE_IMAGES:
         ref = state.images[name]
         if ref in have:
@@ -478,6 +483,18 @@ def import_images(state: NodeState) -> None:
             _, err = save.communicate()
         if save.returncode != 0:
             raise NodeError(f"exporting {ref}: {err.decode(errors='replace')}")
+        discard_layers(ref)
+
+
+def discard_layers(ref: str) -> None:
+    """Drop an imported image's layer blobs, as containerd's discard_unpacked_layers does for
+    pulled ones: containers run from the unpacked snapshots, and the engine image's layers would
+    double its gigabytes on disk."""
+    listing = ctr("images", "ls", f"name=={ref}").splitlines()
+    digest = listing[1].split()[2]
+    manifest = json.loads(ctr("content", "get", digest))
+    for layer in manifest.get("layers", []):
+        ctr("content", "rm", layer["digest"], check=False)
 
 
 def host_changes(state: NodeState) -> None:
@@ -762,3 +779,25 @@ def down(timeout: float = 90.0) -> None:
         NODE_DIR.resolve()
     ):
         HOST_RECORD.unlink()
+
+
+def refresh_images() -> dict[str, str]:
+    """Build what changed; a running node imports it (its pods pick it up when recreated)."""
+    refs = images.ensure_all()
+    state = running()
+    if state is not None:
+        state.images = refs
+        state.save()
+        import_images(state)
+    return refs
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["images"]:
+        sys.exit("usage: python -m e2e.node images")
+    try:
+        print(json.dumps(refresh_images(), indent=2))
+    except (cluster.ClusterError, images.ImageError) as e:
+        sys.exit(f"e2e node: {e}")

@@ -6,6 +6,7 @@
 #   images/build.sh exists TAG     exit 0 when the builder's local store holds TAG
 #   images/build.sh save TAG       TAG as a docker-archive on stdout (what `ctr images import` reads)
 #   images/build.sh load FILE      a docker-archive into the builder's local store
+#   images/build.sh prune REF      remove the other tags of REF's repository from the local store
 #   images/build.sh which          the builder's name
 #
 # Builds use the host network: RUN steps reach the package registries without a bridge, NAT
@@ -57,9 +58,19 @@ case $cmd in
       *) exec "$builder" load --quiet --input "$1" ;;
     esac
     ;;
+  prune)
+    repo=${1%:*}
+    case $builder in
+      buildah) format='{{.Name}}:{{.Tag}}' ;;
+      *) format='{{.Repository}}:{{.Tag}}' ;;
+    esac
+    for old in $("$builder" images --format "$format" "$repo"); do
+      [[ $old == "$1" ]] || "$builder" rmi "$old" >/dev/null
+    done
+    ;;
   which) echo "$builder" ;;
   *)
-    echo "usage: images/build.sh build|exists|save|load|which ..." >&2
+    echo "usage: images/build.sh build|exists|save|load|prune|which ..." >&2
     exit 2
     ;;
 esac

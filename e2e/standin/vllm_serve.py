@@ -329,6 +329,7 @@ class CoreClient:
         self._rx: IO[str] = os.fdopen(self._from_core, "r")
         self._lock = threading.Lock()
         self._next = 0
+        self.completing = False  # a completion in flight answers for the engine's health
 
     def wait_ready(self) -> int:
         """The engine core's pid once it is initialized; exits like vLLM if it failed."""
@@ -339,12 +340,18 @@ class CoreClient:
             sys.exit(code or 1)
         return int(json.loads(line)["pid"])
 
-    def busy(self) -> bool:
-        return self._lock.locked()
+    def healthy(self) -> bool:
+        """The engine core process runs and answers a ping within 2 s (or is busy completing)."""
+        return self.proc.poll() is None and (
+            self.completing or self.call(2.0, op="ping") is not None
+        )
 
     def call(self, timeout: float, **msg: Any) -> dict[str, Any] | None:
         """The engine core's reply, or None when it did not answer within `timeout` seconds."""
-        with self._lock:
+        if not self._lock.acquire(timeout=timeout):
+            return None
+        try:
+            self.completing = msg["op"] == "complete"
             self._next += 1
             self._tx.write(json.dumps({"id": self._next, **msg}) + "\n")
             self._tx.flush()
@@ -356,6 +363,9 @@ class CoreClient:
                 if reply["id"] == self._next:  # earlier ids: answers to calls that timed out
                     return reply
             return None
+        finally:
+            self.completing = False
+            self._lock.release()
 
 
 def serve(args: argparse.Namespace, argv: list[str]) -> int:
@@ -377,11 +387,7 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
 
         def do_GET(self) -> None:
             if self.path == "/health":
-                # Healthy while the engine core answers; a request in flight answers for it.
-                alive = core.proc.poll() is None and (
-                    core.busy() or core.call(2.0, op="ping") is not None
-                )
-                self.send(200 if alive else 503)
+                self.send(200 if core.healthy() else 503)
             elif self.path == "/v1/models":
                 self.send(200, {"object": "list", "data": [{"id": name, "object": "model"}]})
             else:
