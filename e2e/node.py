@@ -312,11 +312,12 @@ def kubelet_config(state: NodeState) -> dict[str, object]:
         "oomScoreAdj": 0,  # -999 needs CAP_SYS_RESOURCE
         "podLogsDir": str(NODE_DIR / "pod-logs"),
         "serializeImagePulls": False,
-        # A shared disk: never evict the tests' pods or collect their images for others' files.
+        # A shared disk: do not evict the tests' pods, or collect their images, because other
+        # work fills it (percentages of a large, thinly provisioned disk bite early).
         "evictionHard": {
             "memory.available": "100Mi",
-            "nodefs.available": "1%",
-            "imagefs.available": "1%",
+            "nodefs.available": "256Mi",
+            "imagefs.available": "256Mi",
             "nodefs.inodesFree": "1%",
         },
         "imageGCHighThresholdPercent": 100,
@@ -756,6 +757,8 @@ def down(timeout: float = 90.0) -> None:
     if ours(state, "containerd"):
         remove_leftover_containers()
     stop(state, "containerd")
+    for sock in ("containerd.sock", "containerd.sock.ttrpc"):
+        (NODE_DIR / sock).unlink(missing_ok=True)
     unmount_under(NODE_DIR.resolve(), RUN_DIR)
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     remove_kube_chains(state.kube_chains_before)
