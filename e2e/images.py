@@ -16,9 +16,11 @@ The chain, each link a Dockerfile built with images/build.sh (docker, podman or 
 Every image is tagged `localhost/lmcache-e2e/<name>:<content hash>`: the hash covers its
 Dockerfile, every file its COPY/ADD lines bring in (what git lists under those paths, as they are
 in the working tree), its build arguments and its base's hash. A tag already in the builder's
-store is not rebuilt. vllm-base (torch: gigabytes, minutes) is also saved as a docker-archive in
-the cache directory, so a CI machine that keeps that directory builds it once per change of its
-recipe. Usage: `python -m e2e.images [--print]` builds what is missing (`make e2e-images`).
+store is not rebuilt, and older tags of the same image are removed. With E2E_IMAGES_ARCHIVE=1,
+vllm-base (torch and vLLM: 6.6 GB, the 12-minute part) is also kept as a docker-archive in the
+cache directory, so a CI that restores that directory builds it once per change of its recipe
+(off by default: it is 6.6 GB more on disk). Usage: `python -m e2e.images [--print]` builds what
+is missing.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class Image:
     base: str | None = None
     # Context files made at build time (not in the repository): name -> what decides its content.
     generated: dict[str, str] = field(default_factory=dict)
-    archive: bool = False  # also keep a docker-archive in CACHE
+    archive: bool = False  # also keep a docker-archive in CACHE (with E2E_IMAGES_ARCHIVE=1)
 
 
 def _rootfs_recipe() -> str:
@@ -232,7 +234,8 @@ def ensure(name: str, refs: dict[str, str]) -> str:
     if exists(ref):
         return ref
     archive = CACHE / f"{name}-{ref.rsplit(':', 1)[1]}.tar"
-    if image.archive and archive.exists():
+    keep = image.archive and os.environ.get("E2E_IMAGES_ARCHIVE") == "1"
+    if keep and archive.exists():
         log(f"loading {ref} from {archive}")
         run_logged(name, [str(BUILD), "load", str(archive)])
         return ref
@@ -247,7 +250,7 @@ def ensure(name: str, refs: dict[str, str]) -> str:
         run_logged(name, [str(BUILD), *args, str(ctx)])
     log(f"built {ref} in {time.monotonic() - started:.0f} s")
     builder("prune", ref)  # earlier builds of this image: gigabytes for the engine chain
-    if image.archive:
+    if keep:
         save_archive(ref, archive)
     return ref
 
