@@ -55,6 +55,9 @@ def engine_spec(images: dict[str, str], **spec: Any) -> dict[str, Any]:
     repository, tag = images["engine"].rsplit(":", 1)
     base: dict[str, Any] = {
         "model": MODEL,
+        # As a user with tainted GPU nodes would: the operator's Schedulable condition reads these.
+        "nodeSelector": {node.LABEL: "true"},
+        "tolerations": [node.TOLERATION],
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
         "resources": {"gpus": 1, "cpu": "100m", "memory": "3Gi"},
         "lmcache": {"chunkSize": 256, "maxLocalCpuSize": 0.0625},
