@@ -62,12 +62,11 @@ def pod_operator(kube: Cluster, k8s: Kube, real_node: node.NodeState) -> Iterato
         yield release
     finally:
         uninstall_chart(kube, release)
+        k8s.delete("v1", "Namespace", POD_RELEASE)  # with the Lease the operator made there
         wait_for(
-            "the operator pod gone",
-            lambda: (
-                not k8s.items("v1", "Pod", POD_RELEASE, f"app.kubernetes.io/instance={POD_RELEASE}")
-            ),
-            timeout=90,
+            f"namespace {POD_RELEASE} gone",
+            lambda: k8s.get("v1", "Namespace", POD_RELEASE) is None,
+            timeout=120,
         )
 
 
@@ -123,11 +122,15 @@ def test_operator_runs_as_a_non_root_read_only_pod_and_reconciles(
         "touch /probe 2>&1; echo rc=$?",
     )
     assert "Read-only file system" in touch and "rc=1" in touch, touch
+
     # It holds the leader Lease under its pod name, and reconciles a CR: from the pod's address.
-    lease = k8s.get(
-        "coordination.k8s.io/v1", "Lease", pod_operator.deployment, pod_operator.namespace
-    )
-    assert lease and lease["spec"]["holderIdentity"] == name, lease
+    def leading() -> Obj | None:
+        lease = k8s.get(
+            "coordination.k8s.io/v1", "Lease", pod_operator.deployment, pod_operator.namespace
+        )
+        return lease if lease and lease["spec"].get("holderIdentity") == name else None
+
+    wait_for(f"the leader Lease held by {name}", leading, timeout=60)
     namespace = real_namespace(k8s, "operator-pod")
     try:
         spec = realpods.engine_spec(real_node.images, replicas=0)
