@@ -14,13 +14,13 @@ The chain, each link a Dockerfile built with images/build.sh (docker, podman or 
     engine        vllm-lmcache + the `vllm serve` stand-in (e2e/standin/)
 
 Every image is tagged `localhost/lmcache-e2e/<name>:<content hash>`: the hash covers its
-Dockerfile, every file its COPY/ADD lines bring in (what git lists under those paths, as they are
-in the working tree), its build arguments and its base's hash. A tag already in the builder's
-store is not rebuilt, and older tags of the same image are removed. With E2E_IMAGES_ARCHIVE=1,
-vllm-base (torch and vLLM: 6.6 GB, the 12-minute part) is also kept as a docker-archive in the
-cache directory, so a CI that restores that directory builds it once per change of its recipe
-(off by default: it is 6.6 GB more on disk). Usage: `python -m e2e.images [--print]` builds what
-is missing.
+Dockerfile's instructions, every file its COPY/ADD lines bring in (what git lists under those
+paths, as they are in the working tree), its build arguments and its base's hash. A tag already
+in the builder's store is not rebuilt, and older tags of the same image are removed. With
+E2E_IMAGES_ARCHIVE=1, vllm-base (torch and vLLM: 6.6 GB, the 12-minute part) is also kept as a
+docker-archive in the cache directory, so a CI that restores that directory builds it once per
+change of its recipe (off by default: 6.6 GB more on disk). Usage: `python -m e2e.images
+[--print]` builds what is missing.
 """
 
 from __future__ import annotations
@@ -147,7 +147,8 @@ def digest(name: str, refs: dict[str, str]) -> str:
     """The content hash of an image: Dockerfile, context files, generated inputs, base."""
     image = IMAGES[name]
     h = hashlib.sha256()
-    h.update(image.dockerfile.read_bytes())
+    # The instructions, not the bytes: a comment edit rebuilds nothing.
+    h.update("\n".join(f"{i.op} {i.args}" for i in parse(image.dockerfile)).encode())
     for rel in context_files(image.dockerfile, image.generated):
         path = REPO / rel
         h.update(f"\0{rel}\0{os.access(path, os.X_OK)}\0".encode())
