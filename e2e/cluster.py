@@ -1,9 +1,10 @@
 """A local Kubernetes control plane for the e2e tests, made of real upstream binaries.
 
 etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the kwok controller run as
-local processes on free loopback ports; kwok plays the kubelet for fake Nodes that advertise
+local processes on free ports; kwok plays the kubelet for fake Nodes that advertise
 `nvidia.com/gpu` and `hugepages-2Mi` in several shapes, so scheduling, readiness, rollouts and
-garbage collection are the real thing while no container ever runs.
+garbage collection are the real thing while no container runs there. Beside them, where the
+machine allows it, a real node (e2e/node.py: kubelet, containerd) runs real containers.
 
 Stdlib only (plus `openssl` and the binaries from `make e2e-tools`), so `make e2e-up` works before
 anything else is installed. Usage: `python -m e2e.cluster up|down|status`.
@@ -41,6 +42,7 @@ ISSUER = "https://kubernetes.default.svc.cluster.local"
 FAKE_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 SHAPE_LABEL = "e2e.lmcache.ai/shape"
 ADMIN_USER = "lmcache-e2e-admin"
+COREDNS_USER = "lmcache-e2e:coredns"  # the real node's cluster DNS (e2e/node.py)
 
 # Users whose requests are not audited: the control plane's own chatter (leases, heartbeats,
 # controllers). Everything else (the operator, helm, the tests) lands in the audit log.
@@ -49,6 +51,8 @@ QUIET_USERS = [
     "system:kube-scheduler",
     "system:apiserver",
     "kwok",
+    "system:kube-proxy",  # the real node's (e2e/node.py), like its kubelet in system:nodes
+    COREDNS_USER,
 ]
 QUIET_GROUPS = ["system:serviceaccounts:kube-system", "system:nodes"]
 
@@ -171,6 +175,8 @@ def make_pki(pki: Path) -> None:
     leaf(pki, "scheduler", "/CN=system:kube-scheduler", "clientAuth")
     # kwok acts for every fake kubelet (node status, leases, pod status): cluster-admin is simplest.
     leaf(pki, "kwok", "/O=system:masters/CN=kwok", "clientAuth")
+    # The apiserver's identity towards a real kubelet (logs, exec, port-forward).
+    leaf(pki, "kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", "clientAuth")
     run(["openssl", "genrsa", "-out", "sa.key", "2048"], cwd=pki)
     run(["openssl", "rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"], cwd=pki)
 
@@ -309,13 +315,21 @@ AUDIT_POLICY = {
 
 
 def up(timeout: float = 120.0) -> State:
-    """Start the control plane and the fake nodes; return once the cluster schedules pods."""
+    """Start the control plane and the fake nodes, and the real node where the machine can run
+    one (E2E_REAL_NODE); return once the cluster schedules pods."""
+    from e2e import node  # e2e.node builds on this module
+
     started = time.monotonic()
     existing = State.load()
     if existing and any(alive(p) for p in existing.pids.values()):
         raise ClusterError(f"a cluster is already running (pids in {STATE}): run `make e2e-down`")
+    node.down()  # what a killed run left behind
     shutil.rmtree(STATE, ignore_errors=True)
     STATE.mkdir(parents=True)
+    skip = node.why_not()
+    if skip:
+        (STATE / "real-node-skipped").write_text(skip + "\n")
+        print(f"e2e cluster: no real node: {skip}", file=sys.stderr)
     pki = STATE / "pki"
     make_pki(pki)
     state = State(
@@ -327,8 +341,10 @@ def up(timeout: float = 120.0) -> State:
     (STATE / "audit-policy.json").write_text(json.dumps(AUDIT_POLICY))
 
     try:
-        start_components(state, pki, timeout)
+        start_components(state, pki, timeout, real_node=not skip)
         create_nodes(timeout)
+        if not skip:
+            node.up(timeout)
     except BaseException:
         state.save()
         down()
@@ -338,7 +354,7 @@ def up(timeout: float = 120.0) -> State:
     return state
 
 
-def start_components(state: State, pki: Path, timeout: float) -> None:
+def start_components(state: State, pki: Path, timeout: float, real_node: bool) -> None:
     p = state.ports
     etcd_url = f"http://127.0.0.1:{p['etcd']}"
     peer_url = f"http://127.0.0.1:{p['etcd-peer']}"
@@ -365,7 +381,8 @@ def start_components(state: State, pki: Path, timeout: float) -> None:
         [
             tool("kube-apiserver"),
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
+            # Pods on the real node reach it through the `kubernetes` Service: the node's address.
+            f"--bind-address={'0.0.0.0' if real_node else '127.0.0.1'}",
             f"--secure-port={p['apiserver']}",
             f"--client-ca-file={pki / 'ca.crt'}",
             f"--tls-cert-file={pki / 'apiserver.crt'}",
@@ -374,7 +391,13 @@ def start_components(state: State, pki: Path, timeout: float) -> None:
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             f"--service-account-issuer={ISSUER}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--authorization-mode=RBAC",
+            # Node: a real kubelet gets what its pods need, no more (NodeRestriction too).
+            "--authorization-mode=Node,RBAC",
+            # The namespace annotations that place a namespace's pods (the real-pod tests').
+            "--enable-admission-plugins=NodeRestriction,PodNodeSelector,PodTolerationRestriction",
+            f"--kubelet-client-certificate={pki / 'kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'kubelet-client.key'}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             "--allow-privileged=true",
             f"--audit-policy-file={STATE / 'audit-policy.json'}",
             f"--audit-log-path={STATE / 'audit.log'}",
@@ -546,7 +569,11 @@ def create_nodes(timeout: float) -> None:
 
 
 def down(timeout: float = 30.0) -> None:
-    """Stop every component we started (by recorded pid, SIGTERM then SIGKILL); keep the logs."""
+    """Stop the real node (first: it drains through the API), then every component we started
+    (by recorded pid, SIGTERM then SIGKILL); keep the logs."""
+    from e2e import node
+
+    node.down()
     state = State.load()
     if state is None:
         return
@@ -618,4 +645,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the importable module, so e2e.node (which imports it) shares its classes.
+    from e2e import cluster
+
+    sys.exit(cluster.main())

@@ -49,6 +49,13 @@ def _one_file(kubeconfig: str) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Real-node tests first: they run the operator as a pod of its own Helm release, which must
+    be uninstalled before the session's local operator process starts (both watch every
+    namespace). The sort is stable, so the order within each group stays."""
+    items.sort(key=lambda item: item.get_closest_marker("real_node") is None)
+
+
 @pytest.fixture(scope="session")
 def kube() -> Iterator[Cluster]:
     user = os.environ.get("KUBECONFIG")

@@ -4,13 +4,13 @@
 E2E_BIN := .e2e/bin
 E2E_PYTEST_ARGS ?=
 
-e2e-tools: ## build kube-apiserver/-controller-manager/-scheduler, kubectl, etcd, kwok, helm (cached by version)
+e2e-tools: ## build the control plane, kubelet, kube-proxy, kubectl, etcd, kwok, helm, CoreDNS (cached by version)
 	e2e/tools/build.sh
 
-e2e-up: e2e-tools ## start the local control plane + fake GPU/hugepage nodes; writes .e2e/kubeconfig
+e2e-up: e2e-tools ## start the local control plane, fake GPU/hugepage nodes and the real node; writes .e2e/kubeconfig
 	$(PYTHON) -m e2e.cluster up
 
-e2e-down: ## stop the local control plane started by e2e-up
+e2e-down: ## stop the cluster started by e2e-up, real node included (host state restored)
 	$(PYTHON) -m e2e.cluster down
 
 e2e: $(STAMP) e2e-tools ## end-to-end tests (local control plane, or the cluster in KUBECONFIG)
@@ -22,3 +22,11 @@ bench-operator: $(STAMP) e2e-tools ## operator benchmark: 1000 LMCacheDeployment
 	$(PY) -m e2e.bench_operator --out .bench/operator.json
 
 .PHONY: bench-operator
+
+e2e-images: ## build the real node's images (cached by content hash) and load them into a running real node
+	$(PYTHON) -m e2e.node images
+
+demo-k8s: $(STAMP) e2e-tools ## local cluster + real node: helm install, the Valkey example, a KV round trip between two pods
+	$(PY) -m e2e.demo_k8s
+
+.PHONY: e2e-images demo-k8s

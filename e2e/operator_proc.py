@@ -17,6 +17,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,23 +55,30 @@ class Release:
     deployment: str
 
 
-def install_chart(kube: Cluster, k8s: Kube) -> Release:
-    """`helm upgrade --install` of the chart.
+def install_chart(
+    kube: Cluster,
+    k8s: Kube,
+    release: str = RELEASE,
+    namespace: str = OPERATOR_NAMESPACE,
+    values: Sequence[str] = (),
+) -> Release:
+    """`helm upgrade --install` of the chart, with extra `values` flags.
 
-    Locally `--wait` holds until the operator pod is Ready (kwok makes it so). On a user's cluster
-    the chart's pod runs the published image, which may not be pullable there: the wait is for
-    the CRD instead. If that pod does run, it and the local process share the leader Lease, and
-    whichever holds it reconciles, which is what a user's cluster would do too.
+    Locally `--wait` holds until the operator pod is Ready (kwok makes it so; on the real node
+    the pod really runs). On a user's cluster the chart's pod runs the published image, which may
+    not be pullable there: the wait is for the CRD instead. If that pod does run, it and the local
+    process share the leader Lease, and whichever holds it reconciles, which is what a user's
+    cluster would do too.
     """
     others = [
         f"{d['metadata']['namespace']}/{d['metadata']['name']}"
         for d in k8s.items(
             "apps/v1", "Deployment", selector="app.kubernetes.io/name=lmcache-operator"
         )
-        if d["metadata"].get("labels", {}).get("app.kubernetes.io/instance") != RELEASE
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/instance") != release
     ]
     assert not others, f"another lmcache-operator runs here ({others}); it would fight the tests"
-    args = ["upgrade", "--install", RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE]
+    args = ["upgrade", "--install", release, str(CHART), "-n", namespace, *values]
     args += ["--create-namespace"]
     if kube.local:
         args += ["--wait", "--timeout=180s"]
@@ -83,10 +91,10 @@ def install_chart(kube: Cluster, k8s: Kube) -> Release:
             if crd["spec"]["group"].endswith("lmcache-kube.io")
         ),
     )
-    selector = f"app.kubernetes.io/instance={RELEASE}"
-    deployments = k8s.items("apps/v1", "Deployment", OPERATOR_NAMESPACE, selector)
+    selector = f"app.kubernetes.io/instance={release}"
+    deployments = k8s.items("apps/v1", "Deployment", namespace, selector)
     assert len(deployments) == 1, f"the chart should render one operator Deployment: {deployments}"
-    return Release(RELEASE, OPERATOR_NAMESPACE, deployments[0]["metadata"]["name"])
+    return Release(release, namespace, deployments[0]["metadata"]["name"])
 
 
 def uninstall_chart(kube: Cluster, release: Release) -> None:

@@ -76,15 +76,42 @@ def stages(instructions: list[Instruction]) -> list[list[Instruction]]:
     return result
 
 
+def global_args(instructions: list[Instruction]) -> dict[str, str]:
+    """`ARG NAME=default` lines before the first FROM: what a FROM line may refer to."""
+    defaults: dict[str, str] = {}
+    for ins in instructions:
+        if ins.op == "FROM":
+            break
+        if ins.op == "ARG":
+            name, _, default = ins.args.partition("=")
+            defaults[name.strip()] = default.strip().strip('"')
+    return defaults
+
+
+def base_image(stage_from: Instruction, args: dict[str, str]) -> str:
+    """The image a FROM line names, with `${ARG}`/`$ARG` replaced by the ARG's default (what a
+    build without --build-arg uses, so that is what must be pinned)."""
+    image = next(w for w in stage_from.args.split() if not w.startswith("--"))
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m[1] or m[2]) or m[0], image)
+
+
 def lint(dockerfile: Path) -> list[str]:
     """Our rules; each problem names `file:line` and what is allowed."""
     rel = shown(dockerfile)
     problems: list[str] = []
     names: set[str] = set()
-    all_stages = stages(parse(dockerfile))
+    instructions = parse(dockerfile)
+    args = global_args(instructions)
+    all_stages = stages(instructions)
     for stage in all_stages:
         words = stage[0].args.split()
-        image = next(w for w in words if not w.startswith("--"))
+        image = base_image(stage[0], args)
+        if "$" in image:
+            problems.append(
+                f"{rel}:{stage[0].line}: base {image} has no default: declare "
+                "`ARG NAME=<pinned image>` before the first FROM"
+            )
+            continue
         if len(words) >= 3 and words[-2].upper() == "AS":
             names.add(words[-1].lower())
         if image.lower() in names:
@@ -189,6 +216,7 @@ class Image:
     name: str
     prepare: Callable[[Path], tuple[dict[str, str], Path]]
     own_distribution: str
+    replaces: frozenset[str] = frozenset()  # distributions of the base the install must remove
 
     @property
     def dockerfile(self) -> Path:
@@ -221,12 +249,19 @@ def prepare_vllm(root: Path) -> tuple[dict[str, str], Path]:
     The project venv installs the same pinned vLLM (the `vllm` extra), so it holds what the base
     image holds. Its packages come in read-only through a .pth entry, as a view without the
     distributions the image lacks (our lock and our own package), so the install must add them.
+    Upstream `lmcache`, which the image bundles, goes into the venv itself, from PyPI.
     """
     project_python = PROJECT_VENV / "bin" / "python"
     if not project_python.exists():
         raise ImageError(f"{project_python} missing: run `make venv` (it installs vllm)")
     base = root / "base"
     subprocess.run([str(project_python), "-m", "venv", str(base)], check=True)
+    upstream = IMAGES / "vllm-lmcache" / "upstream-lmcache.txt"
+    pip = [str(base / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps"]
+    pip += ["--disable-pip-version-check", "--only-binary=:all:", "-r", str(upstream)]
+    proc = subprocess.run(pip, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise ImageError(f"installing {shown(upstream)} into the stand-in base: {proc.stderr}")
     view = root / "vllm-image-site-packages"
     hidden = IMAGES_BY_NAME["vllm-lmcache"].expected()
     site_view(site_packages(project_python), view, hidden)
@@ -253,7 +288,7 @@ def site_view(site: Path, view: Path, hidden: set[str]) -> None:
 
 IMAGES_UNDER_TEST = (
     Image("operator", prepare_operator, "lmcache_kube_operator"),
-    Image("vllm-lmcache", prepare_vllm, "lmcache_kube"),
+    Image("vllm-lmcache", prepare_vllm, "lmcache_kube", replaces=frozenset({"lmcache"})),
 )
 IMAGES_BY_NAME = {image.name: image for image in IMAGES_UNDER_TEST}
 
@@ -284,14 +319,27 @@ def check_install(image: Image) -> list[str]:
                 return [
                     f"{rel}:{run.line}: RUN failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
                 ]
-        added = distributions(site_packages(python)) - before
-    return check_added(rel, image, added)
+        after = distributions(site_packages(python))
+    return check_changes(rel, image, before, after)
 
 
-def check_added(rel: Path, image: Image, added: set[str]) -> list[str]:
-    if added != (expected := image.expected()):
-        return [f"{rel}: the install added {sorted(added)}; expected exactly {sorted(expected)}"]
-    return []
+def check_changes(rel: Path, image: Image, before: set[str], after: set[str]) -> list[str]:
+    """Exactly the expected distributions added, exactly those the install replaces removed."""
+    problems = []
+    if (added := after - before) != (expected := image.expected()):
+        problems.append(
+            f"{rel}: the install added {sorted(added)}; expected exactly {sorted(expected)}"
+        )
+    if not image.replaces <= before:
+        problems.append(
+            f"{rel}: the stand-in base lacks {sorted(image.replaces - before)}: nothing to replace"
+        )
+    if (removed := before - after) != image.replaces:
+        problems.append(
+            f"{rel}: the install removed {sorted(removed)}; expected exactly "
+            f"{sorted(image.replaces)}"
+        )
+    return problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:

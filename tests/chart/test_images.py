@@ -83,3 +83,36 @@ def test_install_steps_are_the_dockerfile_runs_relocated(tmp_path: Path) -> None
     check_images.stage_context(instructions, tmp_path)
     assert (tmp_path / "src/images/operator/install.sh").is_file()
     assert (tmp_path / "src/operator/pyproject.toml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("ARG BASE=docker.io/library/python:3.12.12-slim-bookworm\n", None),
+        ('ARG BASE="docker.io/library/python:3.12.12-slim-bookworm"\n', None),
+        ("ARG BASE=docker.io/library/python:3.12-slim\n", "is not pinned"),
+        ("ARG BASE\n", "has no default"),
+        ("", "has no default"),
+    ],
+)
+def test_a_base_build_argument_is_checked_through_its_default(
+    tmp_path: Path, header: str, message: str | None
+) -> None:
+    text = header + GOOD.replace("docker.io/library/python:3.12.12-slim-bookworm", "${BASE}")
+    problems = lint(tmp_path, text.replace("# syntax=docker/dockerfile:1\n", ""))
+    if message is None:
+        assert problems == []
+    else:
+        assert len(problems) == 2 and all(message in p for p in problems), problems
+
+
+def test_the_vllm_install_must_replace_the_bundled_lmcache() -> None:
+    image = check_images.IMAGES_BY_NAME["vllm-lmcache"]
+    rel = Path("Dockerfile")
+    base = {"torch", "vllm", "lmcache"}
+    good = (base - {"lmcache"}) | image.expected()
+    assert check_images.check_changes(rel, image, base, good) == []
+    (kept,) = check_images.check_changes(rel, image, base, good | {"lmcache"})
+    assert "removed []; expected exactly ['lmcache']" in kept
+    (absent, _) = check_images.check_changes(rel, image, base - {"lmcache"}, good)
+    assert "lacks ['lmcache']" in absent
