@@ -66,6 +66,7 @@ def run(num_tokens: int, chunk_size: int, repeat: int, staging_mib: list[int]) -
     nbytes = num_tokens * LLAMA_8B.bytes_per_token
 
     cache, slots = paged_cache(num_tokens, device)
+    blocks = (slots[::BLOCK] // BLOCK).to(device)
     pool_bytes = 2 * nbytes + chunk_size * LLAMA_8B.bytes_per_token
     config = LMCacheEngineConfig.from_mapping(
         {"chunk_size": chunk_size, "max_local_cpu_size": pool_bytes / GIB}
@@ -102,10 +103,24 @@ def run(num_tokens: int, chunk_size: int, repeat: int, staging_mib: list[int]) -
                     sync()
 
             store = timed(store_new_prompt, repeat, sync)
+            reference = [layer.index_select(0, blocks) for layer in cache.layers]
             for layer in cache.layers:
                 layer.zero_()
             load = timed(lambda: load_prompt(False), repeat, sync)
+            exact = all(
+                torch.equal(layer.index_select(0, blocks), ref)
+                for layer, ref in zip(cache.layers, reference, strict=True)
+            )
+            for layer in cache.layers:
+                layer.zero_()
             layerwise = timed(lambda: load_prompt(True), repeat, sync)
+            exact = exact and all(
+                torch.equal(layer.index_select(0, blocks), ref)
+                for layer, ref in zip(cache.layers, reference, strict=True)
+            )
+            if not exact:
+                raise SystemExit(f"{tag or 'fused '}load: the KV read back differs from the stored")
+            result[f"{tag}exact"] = exact
             result[f"{tag}store_gbps"] = nbytes / store / 1e9
             result[f"{tag}store_vs_raw_d2h"] = raw_d2h / store
             result[f"{tag}load_gbps"] = nbytes / load / 1e9

@@ -141,11 +141,15 @@ def server_spec(
 
 
 def start(spec: ServerSpec, log_path: Path, environ: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    """Start a server in its own process group (vLLM forks an engine core and workers)."""
+    """Start a server in its own process group (vLLM forks an engine core and workers).
+
+    It runs in the log's folder, not the caller's: ``python -m`` puts the working directory
+    first on ``sys.path``, and from the checkout our ``lmcache/`` would shadow upstream's."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         return subprocess.Popen(
             spec.argv,
+            cwd=log_path.parent,
             env={**environ, **spec.env},
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -26,7 +26,8 @@ if ! (cd "$upstream/src" && PYTHONPATH=$upstream/build TORCH_CUDA_ARCH_LIST=$arc
 fi
 echo "build_upstream.sh: ops built for sm_${arch/./} in $((SECONDS - t)) s: $(find "$upstream/src/lmcache" -maxdepth 1 -name '*.so' -printf '%f ')"
 t=$SECONDS
-PYTHONPATH=$upstream/src:$upstream/deps:$site "$python" -c '
+# From $upstream, not the checkout: `python -c` puts the working directory first on sys.path.
+cd "$upstream" && PYTHONPATH=$upstream/src:$upstream/deps:$site "$python" -c '
 import lmcache, lmcache.cuda_ops
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl
 assert "/src/lmcache" in lmcache.__file__, lmcache.__file__

@@ -19,7 +19,17 @@ from lmcache.integration.vllm import settings
 from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata
 from lmcache.integration.vllm.paged import PagedLayout
 from lmcache.keys import KVContext
-from tests.vllm.conftest import BLOCK, CHUNK, CUDA, Rig, RigFactory
+from tests.vllm.conftest import (
+    BLOCK,
+    CHUNK,
+    CUDA,
+    DEVICES,
+    HEAD_SIZE,
+    HEADS,
+    LAYERS,
+    Rig,
+    RigFactory,
+)
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:
@@ -446,3 +456,29 @@ def test_our_connector_class_reports_transfer_stats_to_vllms_logger(
     logging.log(lambda fmt, *args: lines.append(fmt % args))
     assert len(lines) == 1
     assert "LMCache loaded tokens=149" in lines[0] and "LMCache stored tokens=150" in lines[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_repeated_prompts_under_eviction_pressure_load_exact_kv(
+    rig_factory: RigFactory, device: str
+) -> None:
+    """The serving benchmark's sequence: each prompt computed with 16 output tokens, vLLM's
+    prefix cache reset, then the same prompt again, loaded from a pool too small for all of
+    them, so that every store evicts older chunks. Every warm request holds exactly the KV of
+    a forward pass, and nothing is left pinned."""
+    chunk_bytes = CHUNK * LAYERS * 2 * HEADS * HEAD_SIZE * 4  # float32 paged cache
+    rig: Rig = rig_factory(
+        {"lmcache.max_local_cpu_size": 12 * chunk_bytes / 2**30}, device=device, num_blocks=64
+    )
+    for n in range(6):
+        tokens = prompt(4 * CHUNK + 17, seed=n)  # 4 full chunks and a partial one
+        rig.add(f"cold{n}", tokens, max_tokens=16)
+        rig.run()
+        rig.evict_gpu()
+        rig.add(f"warm{n}", tokens, max_tokens=16)
+        first = rig.step()
+        rig.run()
+        assert first.scheduled_new_reqs[0].num_computed_tokens == len(tokens) - 1, n
+        rig.check(f"warm{n}", 0, len(tokens))
+    no_errors(rig)
+    rig.no_leaks()
