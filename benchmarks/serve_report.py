@@ -79,11 +79,21 @@ def targets(results: Result) -> list[Result]:
         )
         out.append(
             _target(
+                f"warm first token == vLLM GPU-hit first token, {name}",
+                _get(seed, "check", "first_token_equals_reference"),
+                "==",
+                True,
+                "same prompt, KV loaded from CPU vs found in vLLM's GPU prefix cache",
+            )
+        )
+        out.append(
+            _target(
                 f"warm greedy output == vLLM GPU-hit output, {name}",
                 _get(seed, "check", "warm_equals_reference"),
                 "==",
                 True,
-                "same prompt, KV loaded from CPU vs found in vLLM's GPU prefix cache",
+                "all check tokens; vLLM alone's own cold == warm: "
+                f"{_get(systems, 'vllm', 'seed', 'check', 'cold_equals_warm')}",
             )
         )
     out.append(

@@ -179,6 +179,8 @@ def test_dry_run_against_stand_in_servers(tmp_path: Path, monkeypatch: pytest.Mo
     # The output check: equal for ours, caught for the server that loads wrong KV.
     assert systems["vllm"]["seed"]["check"]["outputs_differ_across_prompts"] is True
     assert systems["ours"]["seed"]["check"]["warm_equals_reference"] is True
+    assert systems["ours"]["seed"]["check"]["first_token_equals_reference"] is True
+    assert systems["upstream"]["seed"]["check"]["first_token_equals_reference"] is False
     assert systems["upstream"]["seed"]["check"]["warm_equals_cold"] is False
     assert systems["upstream"]["seed"]["check"]["warm_equals_reference"] is False
     commands = results["meta"]["commands"]
@@ -186,6 +188,7 @@ def test_dry_run_against_stand_in_servers(tmp_path: Path, monkeypatch: pytest.Mo
     assert Path(systems["upstream"]["build_log"]).read_text() == "upstream ops built\n"
     found = {t["name"]: t for t in results["targets"]}
     assert found["warm greedy output == vLLM GPU-hit output, upstream"]["ok"] is False
+    assert found["warm first token == vLLM GPU-hit first token, ours"]["ok"] is True
     assert found["cold TTFT overhead, ours vs vLLM alone"]["value"] is not None
     assert results["pcie"]["h2d_gbps"] > 0
     png = out.with_suffix(".png")
