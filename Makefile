@@ -18,7 +18,7 @@ help: ## list targets
 UV_VERSION := 0.13.9
 UV := $(VENV)/bin/uv
 VENV_EXCLUDES ?= requirements/gpu-kernels.txt
-UV_INSTALL = UV_CACHE_DIR=$(CURDIR)/.cache/uv UV_NATIVE_TLS=1 $(UV) pip install -q \
+UV_INSTALL = UV_CACHE_DIR=$(CURDIR)/.cache/uv UV_SYSTEM_CERTS=1 $(UV) pip install -q \
 	$(if $(VENV_EXCLUDES),--excludes $(VENV_EXCLUDES))
 
 $(STAMP): pyproject.toml operator/pyproject.toml $(VENV_EXCLUDES)
