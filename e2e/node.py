@@ -528,6 +528,9 @@ def up(timeout: float = 120.0) -> NodeState:
     shutil.rmtree(NODE_DIR / "kubelet", ignore_errors=True)
     for d in ("cni", "cni-ipam", "pod-logs", "kubelet"):
         (NODE_DIR / d).mkdir(parents=True, exist_ok=True)
+    # A bridge left by a node whose run was killed (why_not() found no live node here) would keep
+    # its old address: the subnet choice would avoid it and the CNI plugin then fail on it.
+    run("ip", "link", "delete", BRIDGE, check=False)
     state = NodeState(node_ip=node_ip(), pod_cidr=pod_subnet())
     ports = ("kubelet", "kubelet-healthz", "kube-proxy-healthz", "kube-proxy-metrics")
     state.ports = {p: cluster.free_port() for p in (*ports, "dns", "dns-ready")}

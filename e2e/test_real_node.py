@@ -32,7 +32,7 @@ import yaml
 from e2e import lmcd, node, realpods
 from e2e.cluster import BIN
 from e2e.kube import WRITE_VERBS, Cluster, Kube, Obj, audit_events, is_true, wait_for
-from e2e.operator_proc import Release, install_chart, uninstall_chart
+from e2e.operator_proc import Release, install_chart
 
 # Starting engine pods (torch, vLLM) takes tens of seconds on these 2 shared cores.
 pytestmark = [pytest.mark.real_node, pytest.mark.timeout(900)]
@@ -57,11 +57,11 @@ def real_node(kube: Cluster) -> node.NodeState:
 def pod_operator(kube: Cluster, k8s: Kube, real_node: node.NodeState) -> Iterator[Release]:
     """`helm install` with the operator image built here, its pod placed on the real node."""
     values = realpods.chart_values(real_node.images)
-    release = install_chart(kube, k8s, POD_RELEASE, POD_RELEASE, values)
     try:
-        yield release
+        yield install_chart(kube, k8s, POD_RELEASE, POD_RELEASE, values)
     finally:
-        uninstall_chart(kube, release)
+        # Also after a failed install: a release left behind would fight every later test.
+        kube.helm("uninstall", POD_RELEASE, "-n", POD_RELEASE, "--wait", check=False)
         k8s.delete("v1", "Namespace", POD_RELEASE)  # with the Lease the operator made there
         wait_for(
             f"namespace {POD_RELEASE} gone",

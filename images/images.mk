@@ -12,7 +12,6 @@ VLLM_BASE ?=
 IMAGES_TOOLS := build/images-tools
 IMAGES_TOOLS_STAMP := $(IMAGES_TOOLS)/.installed
 HADOLINT_VERSION := 2.15.1
-UV_VERSION := 0.13.9
 
 $(IMAGES_TOOLS_STAMP): images/images.mk
 	$(PYTHON) -m venv $(IMAGES_TOOLS)
