@@ -17,9 +17,9 @@ Every image is tagged `localhost/lmcache-e2e/<name>:<content hash>`: the hash co
 Dockerfile's instructions, every file its COPY/ADD lines bring in (what git lists under those
 paths, as they are in the working tree), its build arguments and its base's hash. A tag already
 in the builder's store is not rebuilt, and older tags of the same image are removed. With
-E2E_IMAGES_ARCHIVE=1, vllm-base (torch and vLLM: 6.6 GB, the 12-minute part) is also kept as a
+E2E_IMAGES_ARCHIVE=1, vllm-base (torch and vLLM: 5.8 GB, the slowest part) is also kept as a
 docker-archive in the cache directory, so a CI that restores that directory builds it once per
-change of its recipe (off by default: 6.6 GB more on disk). Usage: `python -m e2e.images
+change of its recipe (off by default: 5.8 GB more on disk). Usage: `python -m e2e.images
 [--print]` builds what is missing.
 """
 
