@@ -96,13 +96,20 @@ def run_json(argv: list[str], env: dict[str, str], timeout_s: float) -> Result:
 
 
 async def warm_request(
-    server: Server, prompt: list[int], max_tokens: int, reset: bool, token_ids: bool
+    server: Server,
+    prompt: list[int],
+    max_tokens: int,
+    reset: bool,
+    token_ids: bool,
+    earlier: list[Completion] | None = None,
 ) -> tuple[Completion, Hits, int]:
     """A repeated prompt; with ``reset``, its KV must come from the offloader, not the GPU.
 
     vLLM skips a prefix-cache reset while blocks are still held (an offloader may keep a
     finished request's blocks until its stores land) and still answers 200. The hit counters
-    tell: a warm request that hit the GPU cache is retried after another reset, up to 3 times.
+    tell: a warm request that hit the GPU cache is retried after another reset, up to 3 times
+    (the attempts before the last are appended to ``earlier``: a GPU hit inside the same server
+    tells its compute from its loads when an output check fails).
     """
     attempts = 0
     while True:
@@ -114,6 +121,8 @@ async def warm_request(
         hits = await server.hits() - before
         if not reset or hits.gpu == 0 or attempts == 3:
             return result, hits, attempts
+        if earlier is not None:
+            earlier.append(result)
 
 
 async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) -> Result:
@@ -131,13 +140,17 @@ async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) ->
         result, delta, attempts = await warm_request(server, prompt, 1, reset, token_ids=False)
         warm.append(result.ttft_s)
         hits.append({"gpu": delta.gpu, "external": delta.external, "attempts": attempts})
-    cold_ids, warm_ids = [], []
+    cold_ids, warm_ids, gpu_hit_ids = [], [], []
     for prompt in checks:
         cold_ids.append(
             (await server.complete(prompt, args.check_tokens, token_ids=True)).token_ids
         )
-        result, _, _ = await warm_request(server, prompt, args.check_tokens, reset, token_ids=True)
+        earlier: list[Completion] = []
+        result, _, _ = await warm_request(
+            server, prompt, args.check_tokens, reset, token_ids=True, earlier=earlier
+        )
         warm_ids.append(result.token_ids)
+        gpu_hit_ids.append([r.token_ids for r in earlier])
     loaded = [h["external"] for h in hits]
     return {
         "prompt_tokens": args.prompt_tokens,
@@ -152,6 +165,8 @@ async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) ->
             "tokens": args.check_tokens,
             "cold_token_ids": cold_ids,
             "warm_token_ids": warm_ids,
+            # warm attempts that hit this server's own GPU cache before a reset took
+            "gpu_hit_token_ids": gpu_hit_ids,
             "warm_equals_cold": cold_ids == warm_ids,
             # With vLLM's default dummy weights every prompt gives the same tokens: then "equal"
             # proves nothing. Distinct prompts must give distinct outputs.

@@ -20,7 +20,7 @@ from vllm.v1.engine import FinishReason
 from lmcache.integration.vllm.paged import PagedTransfer
 from lmcache.storage.disk import DiskBackend
 from lmcache.storage.remote.devserver import BINARY, RedisServer
-from tests.vllm.conftest import HEAD_SIZE, HEADS, LAYERS, Rig, RigFactory
+from tests.vllm.conftest import CHUNK, HEAD_SIZE, HEADS, LAYERS, Rig, RigFactory
 from tests.vllm.test_scheduler import lookup_line, prompt
 
 
@@ -213,4 +213,35 @@ def test_a_failed_copy_stores_nothing_computed_over_it(
         assert rig.finished["r2"] != FinishReason.ERROR
         rig.check("r2", 0, len(tokens))
         assert rig.check_stored(tokens) == 4, "recomputed chunks are stored"
+    rig.no_leaks()
+
+
+def test_a_store_that_fails_after_reserving_gives_its_slots_back(
+    rig_factory: RigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planning a store fails after its slots were reserved: the slots and the chunks' pending
+    keys are returned, so the request completes and the next request stores the chunks."""
+    from lmcache.integration.vllm import worker as worker_module
+
+    rig: Rig = rig_factory()
+    tokens = prompt(100)
+    real = worker_module.store_jobs
+    calls = []
+
+    def broken_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:  # the copies' plan: a fault no real input provokes on purpose
+            raise RuntimeError("planning failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "store_jobs", broken_once)
+    rig.add("r1", tokens)
+    rig.run()
+    assert rig.finished["r1"] != FinishReason.ERROR
+    rig.no_leaks()
+    rig.evict_gpu()
+    rig.add("r2", tokens)
+    rig.run()
+    rig.evict_gpu()
+    assert rig.check_stored(tokens) == -(-len(tokens) // CHUNK), "the chunks were stored after all"
     rig.no_leaks()

@@ -189,10 +189,15 @@ class _Direction:
         the ring); the caller waits for ``free[i]`` before writing it."""
         i, self.turn = self.turn, 1 - self.turn
         if self.ring[i].numel() < nbytes:
+            # The old buffer was allocated on another stream than the ones still using it: tell
+            # the caching allocator, or it hands the memory out again before they are done.
+            old = self.ring[i]
+            old.record_stream(self.kernel)
+            old.record_stream(self.copy)
             # Allocated on the kernel stream after the buffer's last reader is done with it.
             with torch.cuda.stream(self.kernel):
                 self.wait_free(self.kernel, i)
-                self.ring[i] = torch.empty(nbytes, dtype=torch.uint8, device=self.ring[i].device)
+                self.ring[i] = torch.empty(nbytes, dtype=torch.uint8, device=old.device)
         return i, self.ring[i]
 
     def wait_free(self, stream: torch.cuda.Stream, i: int) -> None:

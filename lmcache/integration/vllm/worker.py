@@ -177,6 +177,7 @@ class WorkerConnector:
             done = self._transfer().start_load(jobs, self.layerwise)
         except Exception:
             logger.exception("LMCache KV copy into the paged cache failed")
+            self._drain()  # copies already queued may still read the pinned chunks
             self.engine.storage.release_all(buffers)
             for load in meta.loads:
                 self._fail(load, "the copy into the paged cache failed")
@@ -262,6 +263,7 @@ class WorkerConnector:
             done = self._transfer().store(jobs)
         except Exception:
             logger.exception("LMCache KV copy out of the paged cache failed; not cached")
+            self._drain()  # copies already queued may still write the reserved slots
             for _, reserved in planned:
                 self.engine.abort_chunks(reserved)
                 if self.events is not None:
@@ -282,18 +284,28 @@ class WorkerConnector:
         copies (a chunk another request of the step reserved is left to it)."""
         chunks = self.engine.scheme.keys(spec.chunks)
         reserved = self.engine.storage.reserve(chunks)
+        try:
+            if reserved:
+                start = reserved[0][0].start
+                slots = spec.blocks.slots(self.block_size, start, reserved[-1][0].end)
+                jobs += store_jobs(reserved, slots, first_token=start)
+        except Exception:
+            self.engine.abort_chunks(reserved)  # else the slots and pending keys stay taken
+            raise
         if self.events is not None:
             described = dict(zip((c.key for c in chunks), spec.events, strict=False))
             for chunk, _ in reserved:
                 event = described.get(chunk.key)
                 if event is not None:
                     self.events.describe(chunk.key, event)
-        if reserved:
-            start = reserved[0][0].start
-            end = reserved[-1][0].end
-            slots = spec.blocks.slots(self.block_size, start, end)
-            jobs += store_jobs(reserved, slots, first_token=start)
         return reserved
+
+    def _drain(self) -> None:
+        """Wait (on the CPU) for every copy queued on the device: before a failed transfer's
+        slots or pins are given back, since copies queued before the failure still use them.
+        Only on these error paths."""
+        if self.transfer is not None and self.transfer.cache.device.type == "cuda":
+            torch.cuda.synchronize(self.transfer.cache.device)
 
     def poll(self) -> None:
         """Publish stores whose bytes have landed (in issue order) and unpin the sources of
@@ -302,8 +314,9 @@ class WorkerConnector:
             landed: list[_Store] = []
             while self._stores and _landed(self._stores[0].done):
                 landed.append(self._stores.popleft())
-            loads = [ld for ld in self._loads if _landed(ld.done)]
-            self._loads = [ld for ld in self._loads if not _landed(ld.done)]
+            landed_now = [(ld, _landed(ld.done)) for ld in self._loads]  # one query each
+            loads = [ld for ld, done in landed_now if done]
+            self._loads = [ld for ld, done in landed_now if not done]
         now = time.perf_counter()
         for store in landed:
             try:
