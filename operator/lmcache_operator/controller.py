@@ -151,15 +151,6 @@ class Controller:
             log.warning("lost the leader lease: reconciles paused")
             self.leading.clear()
 
-    def observe_node(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        """Nodes are parsed once per change; a reconcile then only compares numbers."""
-        if self.nodes is None:
-            return
-        if event_type == "DELETED":
-            self.nodes.drop(body)
-        else:
-            self.nodes.put(body)
-
     async def _elect(self) -> None:
         """Renew every retry period; leadership ends at the renew deadline even while a
         renewal is still hanging, not when it finally returns."""

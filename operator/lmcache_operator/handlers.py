@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from lmcache_operator import api
+from lmcache_operator import api, kube
 from lmcache_operator.controller import Controller
 from lmcache_operator.kube import CHILD_KINDS, PLURALS
 
@@ -41,10 +41,10 @@ def register(
         # A watch on a half-open connection would wait forever for its next event: the
         # server ends each watch after server_timeout (whole seconds: the API server's
         # timeoutSeconds), and the client gives up a little later.
-        settings.watching.connect_timeout = min(5.0, request_timeout)
+        settings.watching.connect_timeout = kube.connect_timeout(request_timeout)
         settings.watching.server_timeout = watch_timeout
         settings.watching.client_timeout = watch_timeout + request_timeout
-        settings.networking.connect_timeout = min(5.0, request_timeout)
+        settings.networking.connect_timeout = kube.connect_timeout(request_timeout)
         settings.networking.request_timeout = request_timeout
         await controller.start()
 
@@ -87,18 +87,20 @@ def register(
         index(cache_child)
         watch(child_event)
 
-    if controller.nodes is not None:
+    nodes = controller.nodes
+    if nodes is not None:
         # kopf calls index handlers for every listed and changed object before any other
-        # handler (so the first reconciles see every node), but not for deletions.
+        # handler (so the first reconciles see every node), but not for deletions. Nodes are
+        # parsed once per change; a reconcile then only compares numbers.
 
         @kopf.index(group="", version="v1", plural="nodes", id="cache-node", registry=registry)
         async def cache_node(body: kopf.Body, **_: Any) -> None:
-            controller.observe_node("MODIFIED", body)
+            nodes.put(body)
 
         @kopf.on.event(group="", version="v1", plural="nodes", id="watch-node", registry=registry)
         async def node_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
             if event.get("type") == "DELETED":
-                controller.observe_node("DELETED", body)
+                nodes.drop(body)
 
     @kopf.on.probe(id="healthy", registry=registry)
     def healthy(**_: Any) -> bool:

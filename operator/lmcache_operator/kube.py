@@ -69,6 +69,11 @@ class ApiError(Exception):
         return self.status == 403 and "being terminated" in self.detail
 
 
+def connect_timeout(request_timeout: float) -> float:
+    """Connecting takes at most 5 s (or the request's whole budget, if smaller)."""
+    return min(5.0, request_timeout)
+
+
 def now_rfc3339() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -222,13 +227,12 @@ class KubeCluster:
         self.timeout = timeout
         self._clock = clock
         self._last_answer = clock()
-        self._unanswered_since: float | None = None
+        self._answered = True  # the latest request got an answer (even an error)
 
     def unanswered_for(self) -> float:
         """Seconds since the API server last answered, while the latest request went
         unanswered; 0 when the latest request got an answer (even an error)."""
-        since = self._unanswered_since
-        return 0.0 if since is None else self._clock() - self._last_answer
+        return 0.0 if self._answered else self._clock() - self._last_answer
 
     def request(
         self,
@@ -259,16 +263,15 @@ class KubeCluster:
                 url,
                 header_params=hdrs,
                 body=data,
-                _request_timeout=(min(5.0, limit), limit),
+                _request_timeout=(connect_timeout(limit), limit),
             )
             resp.read()
         except urllib3.exceptions.HTTPError as e:  # timeouts, refused or reset connections
             metrics.API_REQUESTS.labels(code="none").inc()
-            if self._unanswered_since is None:
-                self._unanswered_since = self._clock()
+            self._answered = False
             raise ApiError(0, method, url_path, f"{type(e).__name__}: {e}") from None
         self._last_answer = self._clock()
-        self._unanswered_since = None
+        self._answered = True
         metrics.API_REQUESTS.labels(code=str(resp.status)).inc()
         text = (resp.data or b"").decode(errors="replace")
         if not 200 <= resp.status < 300:

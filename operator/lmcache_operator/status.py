@@ -271,7 +271,7 @@ def sizing(spec: Spec, verdict: Verdict | None) -> dict[str, Any]:
     hold (an upper bound: other workloads are not subtracted)."""
     out: dict[str, Any] = {
         "gpusPerPod": spec.gpus_per_pod,
-        "memoryPerPod": quantity.format_binary(render_sizing.container_memory_bytes(spec)),
+        "memoryPerPod": render_sizing.container_memory(spec),
         "hugepagesPerPod": quantity.format_binary(render_sizing.hugepages_per_pod(spec)),
         "ephemeralStoragePerPod": quantity.format_binary(
             render_sizing.ephemeral_storage_bytes(spec)
