@@ -14,7 +14,6 @@ renders), every rank's values also reach one scrape: rank 0's ``metrics_port`` a
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterable
 from typing import TypeVar
@@ -31,8 +30,6 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-logger = logging.getLogger("lmcache")
-
 MetricT = TypeVar("MetricT", Counter, Gauge, Histogram)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -48,7 +45,7 @@ class EngineMetrics:
         self.registry = CollectorRegistry()
         self._server: WSGIServer | None = None
         self._values = {"model_name": model_name, "worker_id": str(worker_id)}
-        names = ["model_name", "worker_id"]
+        names = list(self._values)  # _of passes the values in this order
         r = self.registry
 
         def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
@@ -144,10 +141,8 @@ class EngineMetrics:
     def lookup(self, requested_tokens: int, hit_tokens: int) -> None:
         self._of(self._lookups).inc()
         self._of(self._lookup_tokens).inc(requested_tokens)
-        self._of(self._lookup_hits).inc(hit_tokens)
         self._lookup_totals[0] += requested_tokens
-        self._lookup_totals[1] += hit_tokens
-        self._rate(self._lookup_rate, self._lookup_totals)
+        self.lookup_hit(hit_tokens)
 
     def lookup_hit(self, hit_tokens: int) -> None:
         """More tokens of an earlier lookup found (staged from disk or Valkey)."""

@@ -36,6 +36,12 @@ TMP_SUFFIX = ".tmp"
 TIER = "disk"
 
 
+def _read_header(f: io.BufferedReader) -> serde.Header:
+    """A chunk file's header, reading no further than it says it runs."""
+    prefix = f.read(serde.FIXED_SIZE)
+    return serde.decode_header(prefix + f.read(serde.variable_size(prefix) - serde.FIXED_SIZE))
+
+
 def _open_regular(path: Path) -> io.BufferedReader:
     """Open ``path`` for reading only if it is a regular file: a FIFO under a chunk's name
     would block ``open`` forever, a directory or device is no chunk."""
@@ -109,7 +115,7 @@ class DiskBackend(StorageBackend):
         for _, path in sorted(files):
             try:
                 with _open_regular(path) as f:
-                    header = serde.decode_header(f.read(serde.MAX_HEADER))
+                    header = _read_header(f)
                     size = os.fstat(f.fileno()).st_size
                 if path != self.path_of(header.key) or size != header.size + header.payload_len:
                     raise serde.CorruptValue("file name or size does not match its header")
@@ -147,9 +153,7 @@ class DiskBackend(StorageBackend):
         started = time.perf_counter()
         try:
             with _open_regular(path) as f:
-                prefix = f.read(serde.FIXED_SIZE)
-                rest = f.read(serde.variable_size(prefix) - serde.FIXED_SIZE)
-                header = serde.decode_header(prefix + rest)
+                header = _read_header(f)
                 header.check(key, self.spec, buffer.num_tokens)
                 target = buffer.raw().numpy().data
                 if f.readinto(target) != header.payload_len or f.read(1):
@@ -202,6 +206,8 @@ class DiskBackend(StorageBackend):
         started = time.perf_counter()
         payload = buffer.raw().numpy().data
         tag = self.listener.tag(key) if self.listener is not None else b""
+        if len(tag) > serde.MAX_TAG:  # a header cannot hold it: the chunk goes without
+            tag = b""
         header = serde.header_for(key, self.spec, buffer.num_tokens, payload, tag).encode()
         size = len(header) + payload.nbytes
         if size > self.max_bytes:

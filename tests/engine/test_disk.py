@@ -6,10 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmcache import LMCacheEngine
+from lmcache import LMCacheEngine, LMCacheEngineConfig
 from lmcache.storage.disk import SUFFIX, DiskBackend
-from lmcache.storage.serde import FIXED_SIZE
-from tests.engine.conftest import CHUNK_BYTES, EngineFactory, random_kv, tokens
+from lmcache.storage.serde import FIXED_SIZE, MAX_TAG
+from tests.engine.conftest import (
+    CHUNK,
+    CHUNK_BYTES,
+    SPEC,
+    EngineFactory,
+    pool_gb,
+    random_kv,
+    tokens,
+)
 
 GB = 1 << 30
 
@@ -182,3 +190,36 @@ def test_another_chunk_size_never_loads_foreign_chunks(
     reader = make_engine(chunk_size=32, **disk_config(tmp_path))
     n, out = reader.retrieve(tokens(33))
     assert n == 0 and out.shape[2] == 0
+
+
+class _LongTags:
+    """A listener whose tags outgrow a file header (a huge chunk's block hashes)."""
+
+    def __init__(self) -> None:
+        self.disk_tags: list[bytes] = []
+
+    def landed(self, key: str, tier: str, tag: bytes = b"") -> None:
+        if tier == "disk":
+            self.disk_tags.append(tag)
+
+    def left(self, key: str, tier: str) -> None:
+        pass
+
+    def tag(self, key: str) -> bytes:
+        return b"x" * (MAX_TAG + 1)
+
+
+def test_a_tag_too_long_for_a_header_is_left_out(tmp_path: Path) -> None:
+    """The chunk is still written and read back after a restart; only its tag is dropped."""
+    config = LMCacheEngineConfig.from_mapping(
+        {"chunk_size": CHUNK, "max_local_cpu_size": pool_gb(64), **disk_config(tmp_path)}
+    )
+    kv = random_kv(64)
+    with LMCacheEngine(config, SPEC, model_name="test-model", listener=_LongTags()) as writer:
+        writer.store(tokens(64), kv)
+        assert writer.flush(timeout=30)
+    listener = _LongTags()
+    with LMCacheEngine(config, SPEC, model_name="test-model", listener=listener) as reader:
+        n, out = reader.retrieve(tokens(64))
+    assert n == 64 and torch.equal(out, kv)
+    assert listener.disk_tags == [b""] * 4, "re-announced at start-up, without the tag"

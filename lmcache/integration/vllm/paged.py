@@ -1,15 +1,15 @@
 """KV transfer between vLLM's paged KV cache and the engine's chunk buffers, by slot id.
 
-A slot id is ``block_id * block_size + offset``, vLLM's own slot mapping. Each layer's paged
-tensor is indexed with (block, offset) pairs, so any stride order (NHD or HND) works without
-a copy of the cache. Transfers are batched: chunks of equal length share one device staging
-tensor and one gather or scatter kernel per layer, and each chunk crosses the bus as one
-large DMA between its staging block and its pinned pool slot. On CUDA the kernels run on a
-transfer stream and the DMAs (``non_blocking=True``) on a copy stream, overlapped batch by
-batch, and nothing waits on the CPU: a store returns an event the worker polls before it
-publishes the chunks; a load makes the compute stream wait (per layer with ``use_layerwise``).
-On CPU tensors the same code runs synchronously.
-"""
+A slot id is ``block_id * block_size + offset``, vLLM's own slot mapping; every layout is
+addressed through the layers' strides (NHD or HND), without a copy of the cache. Transfers are
+batched: chunks of equal length share one device staging tensor, gathered or scattered on CUDA
+by one Triton launch for every layer (``kernels.py``; PyTorch indexing, one kernel per layer,
+on CPU and with ``fused=False``), and each chunk crosses the bus as one large DMA between its
+staging block and its pinned pool slot. On CUDA the kernels run on a transfer stream and the
+DMAs (``non_blocking=True``) on a copy stream, overlapped batch by batch, and nothing waits on
+the CPU: a store returns an event the worker polls before it publishes the chunks; a load
+makes the compute stream wait (per layer with ``use_layerwise``). On CPU tensors the same code
+runs synchronously."""
 
 from __future__ import annotations
 

@@ -244,15 +244,15 @@ class WorkerConnector:
         jobs: list[ChunkJob] = []
         for spec in meta.stores:
             self._storing.setdefault(spec.req_id, 0)
-            keys = self._stored_keys.setdefault(spec.req_id, [])
-            keys += (self.engine.scheme.key(c.key) for c in spec.chunks)
+            chunks = self.engine.scheme.keys(spec.chunks)
+            self._stored_keys.setdefault(spec.req_id, []).extend(c.key for c in chunks)
             if spec.req_id in failed:
                 logger.warning(
                     "LMCache: request %s stores nothing this step (its load failed)", spec.req_id
                 )
                 continue
             try:
-                reserved = self._plan_store(spec, jobs)
+                reserved = self._plan_store(spec, chunks, jobs)
             except Exception:
                 logger.exception("LMCache store of request %s failed; not cached", spec.req_id)
                 continue
@@ -279,10 +279,11 @@ class WorkerConnector:
                 log_store(spec.req_id, sum(c.num_tokens for c, _ in reserved), spec.total_tokens)
         self.poll()
 
-    def _plan_store(self, spec: StoreSpec, jobs: list[ChunkJob]) -> Reserved:
-        """Reserve slots for the request's chunks this rank does not hold and queue their
-        copies (a chunk another request of the step reserved is left to it)."""
-        chunks = self.engine.scheme.keys(spec.chunks)
+    def _plan_store(
+        self, spec: StoreSpec, chunks: list[ChunkRange], jobs: list[ChunkJob]
+    ) -> Reserved:
+        """Reserve slots for the request's chunks (``spec``'s, keyed) this rank does not hold
+        and queue their copies (a chunk another request of the step reserved is left to it)."""
         reserved = self.engine.storage.reserve(chunks)
         try:
             if reserved:
