@@ -14,27 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from pinned import timed
 
 from lmcache import KVSpec, LMCacheEngine, LMCacheEngineConfig
 
 LLAMA_8B = KVSpec(num_layers=32, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
 GIB = 1 << 30
-
-
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall time of ``fn`` over ``repeat`` runs, after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def engine_for(num_tokens: int, chunk_size: int, rounds: int) -> LMCacheEngine:

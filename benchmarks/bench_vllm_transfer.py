@@ -29,14 +29,13 @@ import json
 from pathlib import Path
 
 import torch
+from bench_engine import GIB, LLAMA_8B
 from pinned import raw_copy, timed
 
-from lmcache import KVSpec, LMCacheEngine, LMCacheEngineConfig
+from lmcache import LMCacheEngine, LMCacheEngineConfig
 from lmcache.integration.vllm.paged import ChunkJob, PagedKVCache, PagedTransfer, store_jobs
 
-LLAMA_8B = KVSpec(num_layers=32, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
 BLOCK = 16
-GIB = 1 << 30
 
 
 def paged_cache(num_tokens: int, device: torch.device) -> tuple[PagedKVCache, torch.Tensor]:

@@ -17,8 +17,13 @@ from collections.abc import Callable
 import torch
 
 
-def timed(fn: Callable[[], object], repeat: int, sync: Callable[[], None]) -> float:
-    """Median wall time of ``fn`` (completed on the device) over ``repeat`` runs."""
+def _no_sync() -> None:
+    """CPU work is done when it returns."""
+
+
+def timed(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = _no_sync) -> float:
+    """Median wall time of ``fn`` (completed on the device) over ``repeat`` runs, after one
+    warm-up."""
     fn()
     sync()
     samples = []
