@@ -194,10 +194,12 @@ class _Direction:
             old = self.ring[i]
             old.record_stream(self.kernel)
             old.record_stream(self.copy)
-            # Allocated on the kernel stream after the buffer's last reader is done with it.
+            # Allocated on the kernel stream after the buffer's last reader is done with it;
+            # the copy stream, which may write it first, waits for that too.
             with torch.cuda.stream(self.kernel):
                 self.wait_free(self.kernel, i)
                 self.ring[i] = torch.empty(nbytes, dtype=torch.uint8, device=old.device)
+            self.copy.wait_stream(self.kernel)
         return i, self.ring[i]
 
     def wait_free(self, stream: torch.cuda.Stream, i: int) -> None:
@@ -251,18 +253,22 @@ class PagedTransfer:
 
     def _batches(self, jobs: Sequence[ChunkJob], num_layers: int, budget: int) -> list[_Batch]:
         """``jobs`` grouped by (chunk length, lo, hi) and split so that staging
-        ``num_layers`` layers of a batch fits ``budget`` bytes (at least one job a batch)."""
+        ``num_layers`` layers of a batch fits ``budget`` bytes (at least one job a batch).
+        Every batch's slot ids go to the device in one copy, not one per batch: the first
+        DMA of a transfer waits for this."""
         groups: dict[tuple[int, int, int], list[ChunkJob]] = {}
         for job in jobs:
             groups.setdefault((job.kv.shape[2], job.lo, job.hi), []).append(job)
-        batches = []
+        parts: list[list[ChunkJob]] = []
         for group in groups.values():
-            per_job = group[0].kv[:num_layers].nbytes
-            size = max(1, budget // per_job)
-            for start in range(0, len(group), size):
-                part = group[start : start + size]
-                slots = torch.stack([job.slots for job in part])
-                batches.append(_Batch(part, self.cache.to_device(slots)))
+            size = max(1, budget // group[0].kv[:num_layers].nbytes)
+            parts += [group[start : start + size] for start in range(0, len(group), size)]
+        slots = self.cache.to_device(torch.cat([job.slots for part in parts for job in part]))
+        batches, at = [], 0
+        for part in parts:
+            count = len(part) * (part[0].hi - part[0].lo)
+            batches.append(_Batch(part, slots[at : at + count].view(len(part), -1)))
+            at += count
         return batches
 
     def _gather(self, staged: torch.Tensor, batch: _Batch, first: int, num_layers: int) -> None:
@@ -391,7 +397,8 @@ class PagedTransfer:
         d.kernel.wait_stream(torch.cuda.current_stream(cache.device))
         with torch.cuda.stream(d.kernel):
             batches = self._batches(jobs, per_step, self._budget(d))
-        d.copy.wait_stream(d.kernel)
+        # The DMAs into staging wait for nothing but their buffer's last scatter (the ring's
+        # events): the scatters, on the kernel stream, come after the compute stream's work.
         steps = [(b, layer) for layer in range(0, num_layers, per_step) for b in batches]
         for n, (batch, first) in enumerate(steps):
             nbytes = len(batch.jobs) * batch.jobs[0].kv[:per_step].nbytes

@@ -190,12 +190,13 @@ class WorkerConnector:
         buffers = self.pins.take(load.req_id, keys)
         if buffers is None:
             return None
+        slots = load.blocks.slots(self.block_size, load.start, load.end)  # once per load
         for chunk, buffer in zip(load.chunks, buffers, strict=True):
             lo, hi = max(chunk.start, load.start), min(chunk.end, load.end)
             if lo >= hi:  # pinned before vLLM's own prefix cache grew over it
                 continue
-            slots = load.blocks.slots(self.block_size, lo, hi)
-            jobs.append(ChunkJob(buffer.kv(), lo - chunk.start, hi - chunk.start, slots))
+            job_slots = slots[lo - load.start : hi - load.start]
+            jobs.append(ChunkJob(buffer.kv(), lo - chunk.start, hi - chunk.start, job_slots))
         return buffers
 
     def _fail(self, load: LoadSpec, why: str) -> None:
