@@ -56,6 +56,8 @@ from serve_workloads import (
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_MODEL = REPO / "examples" / "models" / "llama-3.1-8b-dummy"
+TRACE_ENV = "BENCH_TRACE"
+"""Read by the step-trace plugin (``benchmarks/gpu/plugin/lmcache_trace.py``)."""
 Result = dict[str, Any]
 
 
@@ -140,17 +142,18 @@ async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) ->
         result, delta, attempts = await warm_request(server, prompt, 1, reset, token_ids=False)
         warm.append(result.ttft_s)
         hits.append({"gpu": delta.gpu, "external": delta.external, "attempts": attempts})
-    cold_ids, warm_ids, gpu_hit_ids = [], [], []
+    cold_ids, warm_ids, gpu_hit_ids, check_hits = [], [], [], []
     for prompt in checks:
         cold_ids.append(
             (await server.complete(prompt, args.check_tokens, token_ids=True)).token_ids
         )
         earlier: list[Completion] = []
-        result, _, _ = await warm_request(
+        result, delta, attempts = await warm_request(
             server, prompt, args.check_tokens, reset, token_ids=True, earlier=earlier
         )
         warm_ids.append(result.token_ids)
         gpu_hit_ids.append([r.token_ids for r in earlier])
+        check_hits.append({"gpu": delta.gpu, "external": delta.external, "attempts": attempts})
     loaded = [h["external"] for h in hits]
     return {
         "prompt_tokens": args.prompt_tokens,
@@ -167,6 +170,9 @@ async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) ->
             "warm_token_ids": warm_ids,
             # warm attempts that hit this server's own GPU cache before a reset took
             "gpu_hit_token_ids": gpu_hit_ids,
+            # where each checked warm request's KV came from (a partial load computes the rest
+            # in another batch shape, which may round differently)
+            "warm_hits": check_hits,
             "warm_equals_cold": cold_ids == warm_ids,
             # With vLLM's default dummy weights every prompt gives the same tokens: then "equal"
             # proves nothing. Distinct prompts must give distinct outputs.
@@ -198,10 +204,17 @@ async def measure_round(
     }
 
 
-async def measure_long_doc(server: Server, plan: LongDocPlan, args: argparse.Namespace) -> Result:
-    warmup = await measure_round(
-        server, plan, plan.warmup_order, args.doc_output_tokens, args.in_flight
-    )
+async def measure_long_doc(
+    server: Server, plans: list[LongDocPlan], args: argparse.Namespace
+) -> Result:
+    """Warm-up rounds of fresh documents (nothing to reuse: every one computed and stored),
+    the last of which the query round then reuses. One warm-up round is a single sample of a
+    few seconds; their median is the no-reuse figure."""
+    fresh = [
+        await measure_round(server, p, p.warmup_order, args.doc_output_tokens, args.in_flight)
+        for p in plans
+    ]
+    plan = plans[-1]
     query = await measure_round(
         server, plan, plan.query_order, args.doc_output_tokens, args.in_flight
     )
@@ -210,13 +223,18 @@ async def measure_long_doc(server: Server, plan: LongDocPlan, args: argparse.Nam
         "doc_tokens": len(plan.documents[0]),
         "in_flight": args.in_flight,
         "output_tokens": args.doc_output_tokens,
-        "warmup": warmup,
+        "warmup": fresh[-1],
+        "warmup_rounds_s": [r["round_s"] for r in fresh],
+        "warmup_median_s": statistics.median(r["round_s"] for r in fresh),
         "query": query,
     }
 
 
 async def measure_chat(server: Server, plan: ChatPlan) -> Result:
+    """TTFT over all rounds, and over the rounds after the first: those reuse the history's
+    KV (the first round of each user computes its whole prompt, whoever offloads)."""
     ttfts: list[float] = []
+    reuse: list[float] = []
     tokens = 0
     start = time.perf_counter()
 
@@ -230,6 +248,8 @@ async def measure_chat(server: Server, plan: ChatPlan) -> Result:
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
             answer = await server.complete(prompt, plan.answer_tokens, token_ids=True)
             ttfts.append(answer.ttft_s)
+            if round_:
+                reuse.append(answer.ttft_s)
             tokens += answer.num_tokens
             if round_ + 1 < plan.rounds:
                 prompt = plan.next_prompt(u, round_ + 1, prompt, answer.token_ids)
@@ -244,6 +264,7 @@ async def measure_chat(server: Server, plan: ChatPlan) -> Result:
         "qps": plan.users / plan.gap_s,
         "requests": len(ttfts),
         "ttft": summarize(ttfts),
+        "ttft_reuse_rounds": summarize(reuse) if reuse else None,
         "output_tokens": tokens,
         "wall_s": wall,
         "output_tokens_per_s": tokens / wall,
@@ -253,7 +274,7 @@ async def measure_chat(server: Server, plan: ChatPlan) -> Result:
 
 
 async def measure_system(
-    name: str, url: str, args: argparse.Namespace, long_doc: LongDocPlan, chat: ChatPlan
+    name: str, url: str, args: argparse.Namespace, long_doc: list[LongDocPlan], chat: ChatPlan
 ) -> Result:
     async with session(args.request_timeout) as http:
         server = Server(http, url, "llama")
@@ -321,6 +342,8 @@ def launch(
         except ValueError as error:
             systems[name] = {"status": "failed", "error": str(error)}
             continue
+        if args.trace and name == "ours":
+            specs[name].env[TRACE_ENV] = "1"
         commands[name] = {"argv": specs[name].argv, "env": specs[name].env}
     build = None
     if args.upstream_build and "upstream" in specs:
@@ -400,7 +423,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="upstream LMCache's path entries (os.pathsep list); unset: upstream is skipped",
     )
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    p.add_argument("--cpu-gb", type=float, default=5.0, help="CPU KV size of every offloader (GiB)")
+    p.add_argument(
+        "--cpu-gb",
+        type=float,
+        default=12.0,
+        help="CPU KV of every offloader (GiB): long_doc_qa fills 85%% of it with documents",
+    )
     p.add_argument("--kv-cache-bytes", type=int, default=2684354560, help="GPU KV of every server")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.14)
     p.add_argument("--max-model-len", type=int, default=16384)
@@ -435,11 +463,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="963 blocks of 16 + 1: a GPU hit and a connector load leave the same token to compute",
     )
     p.add_argument("--prompts", type=int, default=3)
-    p.add_argument("--check-prompts", type=int, default=2)
+    p.add_argument("--check-prompts", type=int, default=6)
     p.add_argument("--check-tokens", type=int, default=16)
     p.add_argument("--doc-tokens", type=int, default=16000)
     p.add_argument("--docs", type=int, default=0, help="0: as many as fill 85%% of the CPU pool")
     p.add_argument("--doc-repeat", type=int, default=4)
+    p.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=3,
+        help="long_doc_qa warm-up rounds, each of fresh documents (the no-reuse median)",
+    )
     p.add_argument("--doc-output-tokens", type=int, default=32)
     p.add_argument("--in-flight", type=int, default=16)
     p.add_argument("--chat-users", type=int, default=6)
@@ -449,6 +483,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat-question-tokens", type=int, default=32)
     p.add_argument("--chat-answer-tokens", type=int, default=64)
     p.add_argument("--chat-qps", type=float, default=2.0)
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="ours logs each step's load and forward times (gpu/plugin/lmcache_trace.py)",
+    )
     p.add_argument("--out", type=Path, default=Path(".bench/serve.json"))
     args = p.parse_args(argv)
     args.systems = [s for s in args.systems.split(",") if s]
@@ -465,6 +504,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             )
         attach[name] = url
     args.attach = attach
+    if args.warmup_rounds < 1:
+        p.error("--warmup-rounds must be >= 1")
     if args.prompt_tokens + args.check_tokens > args.max_model_len:
         p.error("--prompt-tokens + --check-tokens must fit --max-model-len")
     if args.doc_tokens + args.doc_output_tokens > args.max_model_len:
@@ -479,7 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     gpu_tokens = args.kv_cache_bytes // per_token
     pool_tokens = int(args.cpu_gb * (1 << 30)) // per_token
     docs = args.docs or docs_that_fit(pool_tokens, args.doc_tokens)
-    long_doc = long_doc_plan(args.seed, docs, args.doc_tokens, args.doc_repeat)
+    long_doc = [
+        long_doc_plan(args.seed + 1000 * k, docs, args.doc_tokens, args.doc_repeat)
+        for k in range(args.warmup_rounds - 1, -1, -1)
+    ]  # the last one is args.seed's: its documents are queried
     chat = chat_plan(
         args.seed,
         args.chat_users,
@@ -501,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             "bytes_per_token": per_token,
             "gpu_kv_tokens": gpu_tokens,
             "cpu_pool_tokens": pool_tokens,
+            "long_doc_documents": docs,
             "long_doc_fits_gpu": docs * args.doc_tokens <= gpu_tokens,
             "long_doc_fits_cpu": docs * args.doc_tokens <= pool_tokens,
             "chat_unique_tokens": len(chat.system_prompt)
@@ -586,6 +631,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             if systems[name]["status"] != "ok":
                 systems[name]["log_tail"] = serve_systems.log_tail(logs[name])
+            if args.trace and name == "ours":
+                systems[name]["trace"] = serve_report.trace_summary(
+                    serve_systems.log_lines(logs[name], "LMCTRACE step", last=100000), per_token
+                )
     compare_outputs(systems)
     results["targets"] = serve_report.targets(results)
     results["meta"]["wall_s"] = time.monotonic() - began

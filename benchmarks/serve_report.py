@@ -6,6 +6,7 @@ on one GPU, and the raw pinned host-to-device rate measured before any server st
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -128,13 +129,18 @@ def targets(results: Result) -> list[Result]:
                 "",
             )
         )
+        all_rounds = _ratio(_get(chat, "ttft", "mean"), _get(ours_chat, "ttft", "mean"))
         out.append(
             _target(
-                f"multi-round chat mean TTFT, {rival} / ours",
-                _ratio(_get(chat, "ttft", "mean"), _get(ours_chat, "ttft", "mean")),
+                f"multi-round chat mean TTFT after the first round, {rival} / ours",
+                _ratio(
+                    _get(chat, "ttft_reuse_rounds", "mean"),
+                    _get(ours_chat, "ttft_reuse_rounds", "mean"),
+                ),
                 ">=",
                 1.2,
-                "",
+                "the rounds that reuse the history's KV; all rounds: "
+                + ("-" if all_rounds is None else f"{all_rounds:.2f}"),
             )
         )
         out.append(
@@ -150,12 +156,12 @@ def targets(results: Result) -> list[Result]:
         _target(
             "no reuse: long_doc_qa warm-up round time, ours / vLLM alone",
             _ratio(
-                _get(ours_doc, "warmup", "round_s"),
-                _get(systems, "vllm", "long_doc", "warmup", "round_s"),
+                _get(ours_doc, "warmup_median_s"),
+                _get(systems, "vllm", "long_doc", "warmup_median_s"),
             ),
             "<=",
             1.02,
-            "every document new: computed and stored; no throughput loss allowed (2% noise)",
+            "median of the warm-up rounds, every document new: computed and stored",
         )
     )
     transfer = results.get("transfer") or {}
@@ -175,9 +181,10 @@ TABLE_COLUMNS = (
     ("doc query TTFT mean ms", ("long_doc", "query", "ttft", "mean"), 1e3),
     ("doc query TTFT p90 ms", ("long_doc", "query", "ttft", "p90"), 1e3),
     ("doc query round s", ("long_doc", "query", "round_s"), 1.0),
-    ("doc warm-up round s", ("long_doc", "warmup", "round_s"), 1.0),
+    ("doc warm-up round s", ("long_doc", "warmup_median_s"), 1.0),
     ("chat TTFT p50 ms", ("chat", "ttft", "p50"), 1e3),
     ("chat TTFT p90 ms", ("chat", "ttft", "p90"), 1e3),
+    ("chat TTFT mean ms, rounds 2+", ("chat", "ttft_reuse_rounds", "mean"), 1e3),
     ("chat tok/s", ("chat", "output_tokens_per_s"), 1.0),
 )
 
@@ -236,7 +243,7 @@ def plot(results: Result, path: Path) -> None:
         (
             "long_doc_qa: round time (s)",
             (
-                ("warm-up", ("long_doc", "warmup", "round_s")),
+                ("warm-up", ("long_doc", "warmup_median_s")),
                 ("query", ("long_doc", "query", "round_s")),
             ),
             1.0,
@@ -271,3 +278,41 @@ def plot(results: Result, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+TRACE_FIELDS = ("issue_load_ms", "gpu_load_wait_ms", "gpu_forward_ms", "queue_store_ms")
+
+
+def trace_summary(lines: list[str], bytes_per_token: int) -> Result:
+    """Medians of the step trace (``BENCH_TRACE``) over steps that load and steps that only
+    store: where a warm request's time goes (issuing the loads on the CPU, waiting for them
+    on the GPU, the forward pass) and what queueing stores costs a step."""
+    loads: list[dict[str, float]] = []
+    stores: list[dict[str, float]] = []
+    for line in lines:
+        fields = dict(
+            item.split("=", 1) for item in line.split("LMCTRACE step", 1)[-1].split() if "=" in item
+        )
+        try:
+            step = {key: float(fields[key]) for key in ("loads", "stores", *TRACE_FIELDS)}
+        except (KeyError, ValueError):
+            continue
+        if step["loads"]:
+            loads.append(step)
+        elif step["stores"]:
+            stores.append(step)
+
+    def medians(steps: list[dict[str, float]]) -> Result:
+        out: Result = {"steps": len(steps)}
+        for key in ("loads", *TRACE_FIELDS):
+            out[key] = statistics.median(s[key] for s in steps) if steps else None
+        return out
+
+    summary = {"load_steps": medians(loads), "store_steps": medians(stores)}
+    rates = [
+        s["loads"] * bytes_per_token / (s["gpu_load_wait_ms"] * 1e6)
+        for s in loads
+        if s["gpu_load_wait_ms"] > 0
+    ]
+    summary["load_steps"]["gpu_load_gbps"] = statistics.median(rates) if rates else None
+    return summary

@@ -98,6 +98,25 @@ def test_counter_total_sums_label_sets_of_one_counter_only() -> None:
     assert counter_total(text, "vllm:nothing_total") == 0.0
 
 
+def test_trace_summary_splits_load_steps_from_store_steps() -> None:
+    lines = [
+        "(EngineCore) LMCache INFO: LMCTRACE step wall=1.0 loads=1000 stores=0 issue_load_ms=5.0 "
+        "gpu_load_wait_ms=2.0 gpu_forward_ms=5.0 queue_store_ms=0.0",
+        "(EngineCore) LMCache INFO: LMCTRACE step wall=2.0 loads=1000 stores=3 issue_load_ms=7.0 "
+        "gpu_load_wait_ms=4.0 gpu_forward_ms=6.0 queue_store_ms=1.0",
+        "(EngineCore) LMCache INFO: LMCTRACE step wall=3.0 loads=0 stores=32 issue_load_ms=0.0 "
+        "gpu_load_wait_ms=0.0 gpu_forward_ms=200.0 queue_store_ms=3.0",
+        "LMCTRACE step garbled",
+    ]
+    summary = serve_report.trace_summary(lines, bytes_per_token=1_000_000)
+    loads, stores = summary["load_steps"], summary["store_steps"]
+    assert loads["steps"] == 2 and stores["steps"] == 1
+    assert loads["issue_load_ms"] == 6.0 and loads["gpu_load_wait_ms"] == 3.0
+    assert loads["gpu_load_gbps"] == 375.0  # 1e9 bytes in 2 ms and in 4 ms: 500 and 250 GB/s
+    assert stores["queue_store_ms"] == 3.0 and stores["gpu_forward_ms"] == 200.0
+    assert serve_report.trace_summary([], 1)["load_steps"]["gpu_load_gbps"] is None
+
+
 def test_targets_use_the_gpu_hit_plus_kv_bytes_at_raw_h2d_as_the_warm_floor() -> None:
     results = {
         "meta": {"bytes_per_token": 131072},
@@ -131,7 +150,7 @@ SMALL = [
     "--pcie-gib", "0.001",
     "--prompt-tokens", "97", "--prompts", "2", "--check-prompts", "2", "--check-tokens", "4",
     "--doc-tokens", "300", "--docs", "3", "--doc-repeat", "2", "--doc-output-tokens", "4",
-    "--in-flight", "4",
+    "--in-flight", "4", "--warmup-rounds", "2",
     "--chat-users", "3", "--chat-rounds", "2", "--chat-system-tokens", "50",
     "--chat-user-tokens", "100", "--chat-question-tokens", "8", "--chat-answer-tokens", "4",
     "--chat-qps", "50",
@@ -149,6 +168,7 @@ def test_dry_run_against_stand_in_servers(tmp_path: Path, monkeypatch: pytest.Mo
             *SMALL,
             "--upstream-path", str(tmp_path / "upstream-lmcache"),
             "--upstream-build", "echo upstream ops built",
+            "--trace",
             "--out", str(out),
         ]
     )  # fmt: skip
@@ -164,6 +184,8 @@ def test_dry_run_against_stand_in_servers(tmp_path: Path, monkeypatch: pytest.Mo
         assert len(system["seed"]["cold_s"]) == len(system["seed"]["warm_s"]) == 2
         assert system["long_doc"]["documents"] == 3
         assert system["long_doc"]["warmup"]["requests"] == 3
+        assert len(system["long_doc"]["warmup_rounds_s"]) == 2  # fresh documents, then the queried
+        assert system["chat"]["ttft_reuse_rounds"]["n"] == 3  # every user's second round
         assert system["long_doc"]["query"]["requests"] == 6
         assert system["chat"]["requests"] == 6
         assert system["chat"]["output_tokens"] == 6 * 4
@@ -172,6 +194,7 @@ def test_dry_run_against_stand_in_servers(tmp_path: Path, monkeypatch: pytest.Mo
     assert all(h["gpu"] == 96 and h["external"] == 0 for h in systems["vllm"]["seed"]["warm_hits"])
     assert all(h["gpu"] == 0 and h["external"] == 96 for h in systems["ours"]["seed"]["warm_hits"])
     assert systems["ours"]["seed"]["loaded_tokens_median"] == 96
+    assert [h["external"] for h in systems["ours"]["seed"]["check"]["warm_hits"]] == [96, 96]
     # The stand-in's GPU cache never evicts: the query round is all GPU hits, the warm-up none.
     assert systems["ours"]["long_doc"]["warmup"]["hit_tokens"] == {"gpu": 0, "external": 0}
     assert systems["ours"]["long_doc"]["query"]["hit_tokens"] == {"gpu": 6 * 299, "external": 0}
@@ -184,6 +207,10 @@ def test_dry_run_against_stand_in_servers(tmp_path: Path, monkeypatch: pytest.Mo
     assert systems["upstream"]["seed"]["check"]["warm_equals_cold"] is False
     assert systems["upstream"]["seed"]["check"]["warm_equals_reference"] is False
     commands = results["meta"]["commands"]
+    # --trace: only ours runs the step-trace plugin; the stand-in logs no steps.
+    assert commands["ours"]["env"]["BENCH_TRACE"] == "1"
+    assert all("BENCH_TRACE" not in commands[n]["env"] for n in ("vllm", "upstream"))
+    assert systems["ours"]["trace"]["load_steps"]["steps"] == 0
     assert commands["upstream"]["env"]["PYTHONPATH"].startswith(str(tmp_path / "upstream-lmcache"))
     assert Path(systems["upstream"]["build_log"]).read_text() == "upstream ops built\n"
     found = {t["name"]: t for t in results["targets"]}
