@@ -222,7 +222,7 @@ class KubeCluster:
     ) -> None:
         self.api = api_client
         self.cache = cache
-        self.node_store = nodes  # None: nodes are not watched (no RBAC for them)
+        self.node_store = nodes  # None: nodes are not watched (--no-read-nodes)
         self.identity = socket.gethostname()
         self.timeout = timeout
         self._clock = clock

@@ -142,7 +142,7 @@ def _schedulable(obs: Observed) -> Condition:
         return Condition(SCHEDULABLE, "Unknown", "InvalidSpec", "no pod shape from an invalid spec")
     if obs.capacity is None:
         return Condition(
-            SCHEDULABLE, "Unknown", "NodesUnknown", "nodes are not watched (no RBAC to read them)"
+            SCHEDULABLE, "Unknown", "NodesUnknown", "nodes are not watched (--no-read-nodes)"
         )
     return _c(
         SCHEDULABLE,

@@ -62,6 +62,7 @@ class Hidden(importlib.machinery.PathFinder):
         return super().find_spec(name, path, target)
 
 sys.meta_path[:] = [Hidden if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+importlib.import_module("vllm")  # vLLM itself must import; only its submodules may fail on CPU
 missing = {}
 
 def load(name):
