@@ -56,6 +56,7 @@ from serve_workloads import (
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_MODEL = REPO / "examples" / "models" / "llama-3.1-8b-dummy"
+WORKLOADS = ("seed", "long_doc", "chat")
 TRACE_ENV = "BENCH_TRACE"
 """Read by the step-trace plugin (``benchmarks/gpu/plugin/lmcache_trace.py``)."""
 Result = dict[str, Any]
@@ -284,6 +285,8 @@ async def measure_system(
             ("long_doc", lambda: measure_long_doc(server, long_doc, args)),
             ("chat", lambda: measure_chat(server, chat)),
         ):
+            if key not in args.workloads:
+                continue
             started = time.monotonic()
             out[key] = await work()
             print(f"  {name} {key}: {time.monotonic() - started:.1f} s", flush=True)
@@ -401,6 +404,7 @@ def launch(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--systems", default=",".join(serve_systems.SYSTEMS), help="comma list")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list")
     p.add_argument(
         "--attach",
         action="append",
@@ -494,6 +498,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.systems) - set(serve_systems.SYSTEMS))
     if unknown:
         p.error(f"--systems: unknown {unknown}; known: {', '.join(serve_systems.SYSTEMS)}")
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    unknown = sorted(set(args.workloads) - set(WORKLOADS))
+    if unknown:
+        p.error(f"--workloads: unknown {unknown}; known: {', '.join(WORKLOADS)}")
     attach: dict[str, str] = {}
     for item in args.attach:
         name, sep, url = item.partition("=")

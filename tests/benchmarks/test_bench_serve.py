@@ -255,3 +255,19 @@ def test_past_the_budget_systems_are_skipped_and_the_files_still_written(
     assert results["systems"]["vllm"]["status"] == "skipped"
     assert "--budget-s 0 s spent" in results["systems"]["vllm"]["error"]
     assert out.with_suffix(".png").exists()
+
+
+def test_workloads_picks_what_is_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "serve.json"
+    code = main([*SMALL, "--systems", "vllm,ours", "--workloads", "seed", "--out", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    for name in ("vllm", "ours"):
+        assert "seed" in results["systems"][name]
+        assert "long_doc" not in results["systems"][name] and "chat" not in results["systems"][name]
+    found = {t["name"]: t for t in results["targets"]}
+    assert found["warm first token == vLLM GPU-hit first token, ours"]["ok"] is True
+    assert found["long_doc_qa query mean TTFT, native / ours"]["ok"] is None
+    with pytest.raises(SystemExit):
+        main([*SMALL, "--workloads", "seed,sleep", "--out", str(out)])
