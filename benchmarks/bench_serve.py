@@ -143,11 +143,15 @@ async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) ->
         result, delta, attempts = await warm_request(server, prompt, 1, reset, token_ids=False)
         warm.append(result.ttft_s)
         hits.append({"gpu": delta.gpu, "external": delta.external, "attempts": attempts})
-    cold_ids, warm_ids, gpu_hit_ids, check_hits = [], [], [], []
+    cold_ids, own_ids, warm_ids, gpu_hit_ids, check_hits = [], [], [], [], []
     for prompt in checks:
         cold_ids.append(
             (await server.complete(prompt, args.check_tokens, token_ids=True)).token_ids
         )
+        if reset:  # this server's own GPU prefix hit: the same forward as its warm request
+            own_ids.append(
+                (await server.complete(prompt, args.check_tokens, token_ids=True)).token_ids
+            )
         earlier: list[Completion] = []
         result, delta, attempts = await warm_request(
             server, prompt, args.check_tokens, reset, token_ids=True, earlier=earlier
@@ -169,6 +173,9 @@ async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) ->
             "tokens": args.check_tokens,
             "cold_token_ids": cold_ids,
             "warm_token_ids": warm_ids,
+            # the same prompt again before the reset: a hit in this server's GPU prefix cache,
+            # computed the way its warm request is (vLLM alone's warm request is one already)
+            "own_gpu_hit_token_ids": own_ids if reset else warm_ids,
             # warm attempts that hit this server's own GPU cache before a reset took
             "gpu_hit_token_ids": gpu_hit_ids,
             # where each checked warm request's KV came from (a partial load computes the rest
@@ -294,12 +301,16 @@ async def measure_system(
 
 
 def compare_outputs(systems: Result) -> None:
-    """Each offloader's warm output against vLLM's GPU hit of the same prompts.
+    """Each offloader's warm output against its own server's GPU hit of the same prompts, and
+    against vLLM alone's.
 
     The first generated token is the KV check: one forward pass over the loaded (or GPU-hit)
-    KV decides it. Later tokens also depend on vLLM's decode kernels, which are not bitwise
-    repeatable here (vLLM alone's own cold and warm outputs part ways after a few tokens), so
-    the whole sequence is recorded beside it, with vLLM alone's cold == warm for scale."""
+    KV decides it. It is compared within one server: vLLM with a KV connector computes that
+    forward differently from vLLM alone (on the H200 native offload, ours, and our own server's
+    GPU hit without any load all gave the same token where vLLM alone gave another), so the
+    comparison with vLLM alone is recorded beside it, not used as the check. Later tokens
+    also depend on the decode kernels; vLLM alone's own cold and warm outputs part ways after a
+    few tokens, so its cold == warm is recorded for scale."""
     vllm_check = (systems.get("vllm") or {}).get("seed", {}).get("check", {})
     reference = vllm_check.get("warm_token_ids")
     if reference is not None and "cold_token_ids" in vllm_check:
@@ -308,6 +319,11 @@ def compare_outputs(systems: Result) -> None:
         check = (systems.get(name) or {}).get("seed", {}).get("check")
         if check is not None:
             warm = check["warm_token_ids"]
+            own = check.get("own_gpu_hit_token_ids")
+            check["warm_equals_own_gpu_hit"] = None if own is None else warm == own
+            check["first_token_equals_own_gpu_hit"] = (
+                None if own is None else [w[:1] for w in warm] == [o[:1] for o in own]
+            )
             check["warm_equals_reference"] = None if reference is None else warm == reference
             check["first_token_equals_reference"] = (
                 None if reference is None else [w[:1] for w in warm] == [r[:1] for r in reference]

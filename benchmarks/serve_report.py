@@ -80,20 +80,23 @@ def targets(results: Result) -> list[Result]:
         )
         out.append(
             _target(
-                f"warm first token == vLLM GPU-hit first token, {name}",
-                _get(seed, "check", "first_token_equals_reference"),
+                f"warm first token == own GPU-hit first token, {name}",
+                _get(seed, "check", "first_token_equals_own_gpu_hit"),
                 "==",
                 True,
-                "same prompt, KV loaded from CPU vs found in vLLM's GPU prefix cache",
+                "same prompt and server, KV loaded from CPU vs found in its GPU prefix cache; "
+                "== vLLM alone's: "
+                f"{_get(seed, 'check', 'first_token_equals_reference')}",
             )
         )
         out.append(
             _target(
-                f"warm greedy output == vLLM GPU-hit output, {name}",
-                _get(seed, "check", "warm_equals_reference"),
+                f"warm greedy output == own GPU-hit output, {name}",
+                _get(seed, "check", "warm_equals_own_gpu_hit"),
                 "==",
                 True,
-                "all check tokens; vLLM alone's own cold == warm: "
+                "all check tokens; == vLLM alone's: "
+                f"{_get(seed, 'check', 'warm_equals_reference')}; vLLM alone's own cold == warm: "
                 f"{_get(systems, 'vllm', 'seed', 'check', 'cold_equals_warm')}",
             )
         )

@@ -128,7 +128,7 @@ def test_targets_use_the_gpu_hit_plus_kv_bytes_at_raw_h2d_as_the_warm_floor() ->
                     "cold_median_s": 0.404,
                     "warm_median_s": 0.070,
                     "loaded_tokens_median": 15408,
-                    "check": {"warm_equals_reference": True},
+                    "check": {"warm_equals_own_gpu_hit": True, "warm_equals_reference": False},
                 }
             },
         },
@@ -139,7 +139,8 @@ def test_targets_use_the_gpu_hit_plus_kv_bytes_at_raw_h2d_as_the_warm_floor() ->
     floor = 0.020 + 15408 * 131072 / 50e9
     warm = found["warm TTFT / (GPU-hit TTFT + KV bytes / raw H2D), ours"]
     assert warm["value"] == pytest.approx(0.070 / floor) and warm["ok"] is False
-    assert found["warm greedy output == vLLM GPU-hit output, ours"]["ok"] is True
+    output = found["warm greedy output == own GPU-hit output, ours"]
+    assert output["ok"] is True and "== vLLM alone's: False" in output["note"]
     assert found["cold TTFT overhead, native vs vLLM alone"]["ok"] is None  # did not run
 
 
@@ -203,6 +204,10 @@ def test_dry_run_against_stand_in_servers(tmp_path: Path, monkeypatch: pytest.Mo
     assert systems["vllm"]["seed"]["check"]["outputs_differ_across_prompts"] is True
     assert systems["ours"]["seed"]["check"]["warm_equals_reference"] is True
     assert systems["ours"]["seed"]["check"]["first_token_equals_reference"] is True
+    assert systems["ours"]["seed"]["check"]["first_token_equals_own_gpu_hit"] is True
+    own = systems["upstream"]["seed"]["check"]["own_gpu_hit_token_ids"]
+    assert own == systems["upstream"]["seed"]["check"]["cold_token_ids"]  # its GPU hit is right
+    assert systems["upstream"]["seed"]["check"]["first_token_equals_own_gpu_hit"] is False
     assert systems["upstream"]["seed"]["check"]["first_token_equals_reference"] is False
     assert systems["upstream"]["seed"]["check"]["warm_equals_cold"] is False
     assert systems["upstream"]["seed"]["check"]["warm_equals_reference"] is False
@@ -214,8 +219,8 @@ def test_dry_run_against_stand_in_servers(tmp_path: Path, monkeypatch: pytest.Mo
     assert commands["upstream"]["env"]["PYTHONPATH"].startswith(str(tmp_path / "upstream-lmcache"))
     assert Path(systems["upstream"]["build_log"]).read_text() == "upstream ops built\n"
     found = {t["name"]: t for t in results["targets"]}
-    assert found["warm greedy output == vLLM GPU-hit output, upstream"]["ok"] is False
-    assert found["warm first token == vLLM GPU-hit first token, ours"]["ok"] is True
+    assert found["warm greedy output == own GPU-hit output, upstream"]["ok"] is False
+    assert found["warm first token == own GPU-hit first token, ours"]["ok"] is True
     assert found["cold TTFT overhead, ours vs vLLM alone"]["value"] is not None
     assert results["pcie"]["h2d_gbps"] > 0
     png = out.with_suffix(".png")
@@ -267,7 +272,7 @@ def test_workloads_picks_what_is_measured(tmp_path: Path, monkeypatch: pytest.Mo
         assert "seed" in results["systems"][name]
         assert "long_doc" not in results["systems"][name] and "chat" not in results["systems"][name]
     found = {t["name"]: t for t in results["targets"]}
-    assert found["warm first token == vLLM GPU-hit first token, ours"]["ok"] is True
+    assert found["warm first token == own GPU-hit first token, ours"]["ok"] is True
     assert found["long_doc_qa query mean TTFT, native / ours"]["ok"] is None
     with pytest.raises(SystemExit):
         main([*SMALL, "--workloads", "seed,sleep", "--out", str(out)])
