@@ -104,15 +104,12 @@ async def warm_request(
     max_tokens: int,
     reset: bool,
     token_ids: bool,
-    earlier: list[Completion] | None = None,
 ) -> tuple[Completion, Hits, int]:
     """A repeated prompt; with ``reset``, its KV must come from the offloader, not the GPU.
 
     vLLM skips a prefix-cache reset while blocks are still held (an offloader may keep a
     finished request's blocks until its stores land) and still answers 200. The hit counters
-    tell: a warm request that hit the GPU cache is retried after another reset, up to 3 times
-    (the attempts before the last are appended to ``earlier``: a GPU hit inside the same server
-    tells its compute from its loads when an output check fails).
+    tell: a warm request that hit the GPU cache is retried after another reset, up to 3 times.
     """
     attempts = 0
     while True:
@@ -124,8 +121,6 @@ async def warm_request(
         hits = await server.hits() - before
         if not reset or hits.gpu == 0 or attempts == 3:
             return result, hits, attempts
-        if earlier is not None:
-            earlier.append(result)
 
 
 async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) -> Result:
@@ -143,7 +138,7 @@ async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) ->
         result, delta, attempts = await warm_request(server, prompt, 1, reset, token_ids=False)
         warm.append(result.ttft_s)
         hits.append({"gpu": delta.gpu, "external": delta.external, "attempts": attempts})
-    cold_ids, own_ids, warm_ids, gpu_hit_ids, check_hits = [], [], [], [], []
+    cold_ids, own_ids, warm_ids, check_hits = [], [], [], []
     for prompt in checks:
         cold_ids.append(
             (await server.complete(prompt, args.check_tokens, token_ids=True)).token_ids
@@ -152,12 +147,10 @@ async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) ->
             own_ids.append(
                 (await server.complete(prompt, args.check_tokens, token_ids=True)).token_ids
             )
-        earlier: list[Completion] = []
         result, delta, attempts = await warm_request(
-            server, prompt, args.check_tokens, reset, token_ids=True, earlier=earlier
+            server, prompt, args.check_tokens, reset, token_ids=True
         )
         warm_ids.append(result.token_ids)
-        gpu_hit_ids.append([r.token_ids for r in earlier])
         check_hits.append({"gpu": delta.gpu, "external": delta.external, "attempts": attempts})
     loaded = [h["external"] for h in hits]
     return {
@@ -176,8 +169,6 @@ async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) ->
             # the same prompt again before the reset: a hit in this server's GPU prefix cache,
             # computed the way its warm request is (vLLM alone's warm request is one already)
             "own_gpu_hit_token_ids": own_ids if reset else warm_ids,
-            # warm attempts that hit this server's own GPU cache before a reset took
-            "gpu_hit_token_ids": gpu_hit_ids,
             # where each checked warm request's KV came from (a partial load computes the rest
             # in another batch shape, which may round differently)
             "warm_hits": check_hits,
