@@ -10,13 +10,17 @@ One run on one GPU, same ``vllm serve`` flags for all (see ``serve_systems.py``)
 3. one server at a time, the others idle:
    * the seed's experiment: long prompts cold, then warm (after ``/reset_prefix_cache`` for the
      offloaders: the KV must come from CPU; for vLLM alone the warm request is its GPU-hit floor),
-     medians; plus greedy outputs of a warm request, compared with the cold one and with vLLM's
-     GPU hit of the same prompt (dummy weights widened by the ``benchmarks/gpu/plugin`` plugin
-     so that the output depends on the context);
+     medians; plus greedy outputs of a warm request, compared with the same server's GPU prefix
+     hit of the same prompt (the KV check: the same forward), with vLLM alone's recorded beside
+     it (dummy weights widened by the ``benchmarks/gpu/plugin`` plugin so that the output
+     depends on the context);
    * LMCache's ``long_doc_qa`` shape: documents that do not fit in GPU KV together but fit the CPU
-     pool, a warm-up round, then a shuffled query round, many requests in flight;
+     pool, ``--warmup-rounds`` rounds of fresh documents (their median: the no-reuse figure),
+     then a shuffled query round over the last ones, many requests in flight;
    * production-stack's ``multi-round-qa`` shape: users sharing a system prompt, a growing
-     history, a fixed request rate.
+     history, a fixed request rate; TTFT over all rounds and over the rounds that reuse history.
+
+``--workloads`` picks among these; ``--trace`` adds our server's step trace to the JSON.
 
 Writes JSON (after each system, so an interrupted run keeps what it measured), the server logs
 and a PNG next to it; prints the table and the ratios against the issue's targets. Installs
@@ -123,6 +127,10 @@ async def warm_request(
             return result, hits, attempts
 
 
+def hit_record(delta: Hits, attempts: int) -> Result:
+    return {"gpu": delta.gpu, "external": delta.external, "attempts": attempts}
+
+
 async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) -> Result:
     prompts = seed_prompts(args.seed, args.prompts + args.check_prompts + 1, args.prompt_tokens)
     warmup, checks, timed = (
@@ -137,7 +145,7 @@ async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) ->
         cold.append((await server.complete(prompt, 1)).ttft_s)
         result, delta, attempts = await warm_request(server, prompt, 1, reset, token_ids=False)
         warm.append(result.ttft_s)
-        hits.append({"gpu": delta.gpu, "external": delta.external, "attempts": attempts})
+        hits.append(hit_record(delta, attempts))
     cold_ids, own_ids, warm_ids, check_hits = [], [], [], []
     for prompt in checks:
         cold_ids.append(
@@ -151,7 +159,7 @@ async def measure_seed(server: Server, args: argparse.Namespace, reset: bool) ->
             server, prompt, args.check_tokens, reset, token_ids=True
         )
         warm_ids.append(result.token_ids)
-        check_hits.append({"gpu": delta.gpu, "external": delta.external, "attempts": attempts})
+        check_hits.append(hit_record(delta, attempts))
     loaded = [h["external"] for h in hits]
     return {
         "prompt_tokens": args.prompt_tokens,
@@ -291,6 +299,10 @@ async def measure_system(
         return out
 
 
+def first_tokens(outputs: list[list[int]]) -> list[list[int]]:
+    return [ids[:1] for ids in outputs]
+
+
 def compare_outputs(systems: Result) -> None:
     """Each offloader's warm output against its own server's GPU hit of the same prompts, and
     against vLLM alone's.
@@ -313,11 +325,11 @@ def compare_outputs(systems: Result) -> None:
             own = check.get("own_gpu_hit_token_ids")
             check["warm_equals_own_gpu_hit"] = None if own is None else warm == own
             check["first_token_equals_own_gpu_hit"] = (
-                None if own is None else [w[:1] for w in warm] == [o[:1] for o in own]
+                None if own is None else first_tokens(warm) == first_tokens(own)
             )
             check["warm_equals_reference"] = None if reference is None else warm == reference
             check["first_token_equals_reference"] = (
-                None if reference is None else [w[:1] for w in warm] == [r[:1] for r in reference]
+                None if reference is None else first_tokens(warm) == first_tokens(reference)
             )
 
 

@@ -1,10 +1,11 @@
 """vLLM plugin of the serving benchmark: where our connector's time goes, and whether its bytes
 are right, inside a real ``vllm serve`` (ours only; off unless asked for).
 
-``BENCH_TRACE=1``: every worker step that loads or stores logs one ``LMCTRACE step`` line: wall
-time at ``start_load_kv``, the CPU time of issuing the loads and of queueing the stores, and on
-the GPU (CUDA events on the compute stream) the wait for the loads and the forward pass; the
-scheduler logs ``LMCTRACE sched`` lines for lookups and metadata that cost time.
+``BENCH_TRACE=1``: every worker step that loads or stores logs one ``LMCTRACE step`` line once
+its forward has finished (at a later step): wall time at ``start_load_kv``, the CPU time of
+issuing the loads and of queueing the stores, and on the GPU (CUDA events on the compute stream)
+the wait for the loads and the forward pass; the scheduler logs ``LMCTRACE sched`` lines for
+lookups and metadata that cost time.
 
 ``BENCH_STAGING_MB=N``: N MiB of device staging per direction instead of the default.
 
@@ -12,7 +13,8 @@ scheduler logs ``LMCTRACE sched`` lines for lookups and metadata that cost time.
 are meaningless then): after a store, each pinned chunk equals the paged KV it was copied from,
 and its checksum is remembered by pool address; after a load, the paged KV equals the pinned
 chunk, and the chunk's checksum equals the one remembered at its store. A mismatch logs
-``LMCVERIFY MISMATCH`` with the request, direction and chunk; each transfer checked logs a count.
+``LMCVERIFY MISMATCH`` with the direction and the chunk's pool address; each checked transfer
+logs a count.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ def _install_trace() -> None:
     pending: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
 
-    def flush(force: bool = False) -> None:
-        while pending and (force or pending[0]["end"].query()):
+    def flush() -> None:
+        """Log the steps whose forward has finished (at a later step: never waits)."""
+        while pending and pending[0]["end"].query():
             rec = pending.pop(0)
             rec["end"].synchronize()
             logger.info(
