@@ -171,6 +171,10 @@ def test_many_loads_in_one_step(case: Case, rig_factory: RigFactory) -> None:
     first = rig.step()
     assert sum(1 for new in first.scheduled_new_reqs if new.num_computed_tokens > 0) == 4
     rig.run()
+    value = rig.engine.metrics.value
+    loaded = sum(new.num_computed_tokens for new in first.scheduled_new_reqs)
+    assert value("lmcache:num_requested_tokens_total") == loaded
+    assert value("lmcache:num_hit_tokens_total") == loaded
     clean(rig, *prompts)
 
 
@@ -205,6 +209,8 @@ def test_a_failed_copy_stores_nothing_computed_over_it(
     monkeypatch.setattr(PagedTransfer, "start_load", broken_once)
     rig.run()
     assert calls, "the load was attempted"
+    value = rig.engine.metrics.value
+    assert value("lmcache:num_requested_tokens_total") > value("lmcache:num_hit_tokens_total")
     assert rig.check_stored(tokens) in (2, 4), "whatever is stored is the true KV"
     if case.policy == "fail":
         assert rig.finished["r2"] == FinishReason.ERROR

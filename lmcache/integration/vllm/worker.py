@@ -64,7 +64,10 @@ class _Load:
 
     buffers: list[ChunkBuffer]
     done: torch.cuda.Event | None
+    requested: int
+    """Tokens the step's load specs asked for (failed ones included)."""
     tokens: int
+    """Tokens copied."""
     issued: float = field(default_factory=time.perf_counter)
 
 
@@ -171,7 +174,10 @@ class WorkerConnector:
                 self._fail(load, "its chunks are not pinned on this rank")
             else:
                 buffers += planned
+        requested = sum(ld.end - ld.start for ld in meta.loads)
         if not jobs:
+            if requested:
+                self.engine.metrics.retrieve(requested, 0, 0)
             return
         try:
             done = self._transfer().start_load(jobs, self.layerwise)
@@ -181,8 +187,10 @@ class WorkerConnector:
             self.engine.storage.release_all(buffers)
             for load in meta.loads:
                 self._fail(load, "the copy into the paged cache failed")
+            self.engine.metrics.retrieve(requested, 0, 0)
             return
-        self._loads.append(_Load(buffers, done, sum(ld.end - ld.start for ld in meta.loads)))
+        copied = sum(job.hi - job.lo for job in jobs)
+        self._loads.append(_Load(buffers, done, requested, copied))
 
     def _plan_load(self, load: LoadSpec, jobs: list[ChunkJob]) -> list[ChunkBuffer] | None:
         """Take the request's pinned chunks and queue their copies."""
@@ -331,7 +339,7 @@ class WorkerConnector:
                 self._storing[store.req_id] -= 1
         for load in loads:
             nbytes = sum(b.nbytes for b in load.buffers)
-            self.engine.metrics.retrieve(load.tokens, load.tokens, nbytes, now - load.issued)
+            self.engine.metrics.retrieve(load.requested, load.tokens, nbytes, now - load.issued)
             self._stats.record_load(load.tokens, nbytes, now - load.issued)
             self.engine.storage.release_all(load.buffers)
 
