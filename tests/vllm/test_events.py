@@ -23,6 +23,7 @@ from vllm.distributed.kv_events import (
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from lmcache.config import ConfigError
+from lmcache.integration.vllm import settings
 from lmcache.storage.remote.devserver import free_port
 from tests.vllm.conftest import BLOCK, CHUNK, HEAD_SIZE, HEADS, LAYERS, Rig, RigFactory
 from tests.vllm.test_scheduler import prompt
@@ -164,3 +165,17 @@ def test_chunks_must_be_whole_blocks_when_events_are_on(
     endpoints, _ = events
     with pytest.raises(ConfigError, match=r"chunk_size: 24 is not a multiple of vLLM's block"):
         rig_factory({"lmcache.chunk_size": 24}, kv_events=endpoints)
+
+
+def test_only_rank_0_reports_events(
+    rig_factory: RigFactory,
+    events: tuple[tuple[str, str], Subscriber],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vLLM passes on an event only when every rank reporting in a step sent it: ranks whose
+    chunks land in different steps would see events sent twice or dropped, so one speaks."""
+    endpoints, _ = events
+    monkeypatch.setattr(settings, "shard", lambda _config: (1, 2))  # this worker is rank 1 of 2
+    rig = rig_factory(kv_events=endpoints, **MODULE)
+    assert rig.connector.rank == 1
+    assert rig.connector.events is None and rig.connector.take_events() == []

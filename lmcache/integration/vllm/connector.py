@@ -93,7 +93,8 @@ class LMCacheKubeConnectorV1(KVConnectorBase_V1):
         return TransferStats(data=data) if data is not None else TransferStats()
 
     def get_kv_connector_kv_cache_events(self) -> LMCacheKVEvents | None:
-        """This rank's KV events of the step; vLLM's aggregator keeps those every rank saw."""
+        """The step's KV events: rank 0's only (the other ranks report none), so vLLM's
+        aggregator, which keeps what every reporting rank sent, passes them on unchanged."""
         events = self._impl.take_kv_events()
         if not events:
             return None

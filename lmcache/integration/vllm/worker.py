@@ -82,7 +82,8 @@ class WorkerConnector:
         self.instance_id = settings.instance_id(vllm_config)
         self.block_size = vllm_config.cache_config.block_size
         self.layerwise = settings.use_layerwise(vllm_config)
-        self.events = TierEvents() if settings.kv_events(vllm_config) else None
+        self._kv_events = settings.kv_events(vllm_config)
+        self.events: TierEvents | None = None
         self.rank, self.world_size = 0, 1
         self._engine: LMCacheEngine | None = None
         self._pins: PinTable | None = None
@@ -128,6 +129,11 @@ class WorkerConnector:
         if self._engine is not None:  # re-registered (e.g. after vLLM's sleep mode): keep KV
             return
         self.rank, self.world_size = settings.shard(self.vllm_config)
+        # One rank speaks for the instance: vLLM passes on an event only when every rank that
+        # reports in a step sent it, so ranks whose chunks land in different steps would have
+        # events sent twice or dropped. Ranks store the same chunks; rank 0's tiers stand for all.
+        if self._kv_events and self.rank == 0:
+            self.events = TierEvents()
         self._engine = LMCacheEngine(
             self.config,
             cache.spec,
