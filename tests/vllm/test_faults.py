@@ -244,10 +244,12 @@ def test_a_store_that_fails_after_reserving_gives_its_slots_back(
     rig.add("r1", tokens)
     rig.run()
     assert rig.finished["r1"] != FinishReason.ERROR
+    assert rig.check_stored(tokens) == 0, "the failed plan's first chunk was not stored"
     rig.no_leaks()
     rig.evict_gpu()
     rig.add("r2", tokens)
     rig.run()
     rig.evict_gpu()
     assert rig.check_stored(tokens) == -(-len(tokens) // CHUNK), "the chunks were stored after all"
+    assert len(calls) >= 2, "the fault fired once, then stores were planned again"
     rig.no_leaks()
