@@ -48,7 +48,10 @@ def real_node(kube: Cluster) -> node.NodeState:
         pytest.skip("needs the local cluster's real node: its images are built on this machine")
     state = node.running()
     if state is None:
-        pytest.skip(f"no real node in this cluster: {node.skipped_reason() or 'not running'}")
+        why = f"no real node in this cluster: {node.skipped_reason() or 'not running'}"
+        if node.mode() == "on":  # E2E_REAL_NODE=1 (CI): a reused cluster without one fails
+            pytest.fail(why)
+        pytest.skip(why)
     node.import_images(state)  # again, if the kubelet collected one under disk pressure
     return state
 
