@@ -54,7 +54,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=60.0,
         help="re-check every deployment this often, to catch node capacity changes "
-        "(default 60; unchanged deployments cost no API calls)",
+        "(default 60; an unchanged deployment costs no writes, only a metadata read of a "
+        "Secret it references)",
     )
     p.add_argument(
         "--health-port",
