@@ -192,7 +192,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.workers,
         args.resync_seconds,
         elector,
-        nodes=nodes,
         reconcile_timeout=args.reconcile_timeout,
         api_timeout=args.api_timeout,
         api_silence=cluster.unanswered_for,
@@ -204,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         lambda: connection_info(client.configuration),
         request_timeout=args.request_timeout,
         watch_timeout=args.watch_timeout,
+        nodes=nodes,
     )
     if args.metrics_port:
         start_http_server(args.metrics_port)

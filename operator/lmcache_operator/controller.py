@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lmcache_operator import api, metrics
-from lmcache_operator.kube import Cache, Nodes
+from lmcache_operator.kube import Cache
 from lmcache_operator.leader import LeaseElector
 from lmcache_operator.reconcile import Reconciler
 from lmcache_operator.workqueue import WorkQueue
@@ -55,7 +55,6 @@ class Controller:
         workers: int = 4,
         resync: float = 60.0,
         elector: LeaseElector | None = None,
-        nodes: Nodes | None = None,
         reconcile_timeout: float = 300.0,
         api_timeout: float = 120.0,
         api_silence: Callable[[], float] = lambda: 0.0,
@@ -63,7 +62,6 @@ class Controller:
     ) -> None:
         self.reconciler = reconciler
         self.cache = cache
-        self.nodes = nodes
         self.workers = workers
         self.resync = resync
         self.elector = elector

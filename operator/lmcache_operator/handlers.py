@@ -14,7 +14,7 @@ import kopf
 
 from lmcache_operator import api, kube
 from lmcache_operator.controller import Controller
-from lmcache_operator.kube import CHILD_KINDS, PLURALS
+from lmcache_operator.kube import CHILD_KINDS, PLURALS, Nodes
 
 
 def register(
@@ -23,9 +23,10 @@ def register(
     login: Callable[[], kopf.ConnectionInfo] | None = None,
     request_timeout: float = 30.0,
     watch_timeout: int = 60,
+    nodes: Nodes | None = None,
 ) -> None:
     """`login` gives kopf the credentials the reconciler's client uses, so both always talk
-    to the same cluster as the same user."""
+    to the same cluster as the same user; `nodes`, when given, is kept current from a watch."""
     if login is not None:
 
         @kopf.on.login(registry=registry)
@@ -87,7 +88,6 @@ def register(
         index(cache_child)
         watch(child_event)
 
-    nodes = controller.nodes
     if nodes is not None:
         # kopf calls index handlers for every listed and changed object before any other
         # handler (so the first reconciles see every node), but not for deletions. Nodes are

@@ -20,8 +20,8 @@ from lmcache_operator.kube import Cache, Nodes
 
 def registered(nodes: Nodes | None = None) -> tuple[kopf.OperatorRegistry, Controller]:
     registry = kopf.OperatorRegistry()
-    controller = Controller(None, Cache(), nodes=nodes)  # type: ignore[arg-type]
-    handlers.register(registry, controller)
+    controller = Controller(None, Cache())  # type: ignore[arg-type]
+    handlers.register(registry, controller, nodes=nodes)
     return registry, controller
 
 
@@ -64,7 +64,8 @@ def test_children_are_indexed_so_the_cache_is_full_before_any_reconcile() -> Non
 
 
 def test_nodes_are_indexed_and_parsed_once_per_event_when_readable() -> None:
-    registry, controller = registered(Nodes())
+    nodes = Nodes()
+    registry, _ = registered(nodes)
     indexers = {h.id: h for h in registry._indexing.get_all_handlers()}
     watched = {h.id: h for h in registry._watching.get_all_handlers()}
     assert (indexers["cache-node"].selector.plural, watched["watch-node"].selector.plural) == (
@@ -78,15 +79,14 @@ def test_nodes_are_indexed_and_parsed_once_per_event_when_readable() -> None:
         "status": {"allocatable": {"nvidia.com/gpu": "8", "memory": "1Ti", "cpu": "96"}},
     }
     asyncio.run(indexers["cache-node"].fn(body=kopf.Body(raw)))
-    assert controller.nodes is not None
-    [node] = controller.nodes.items()
+    [node] = nodes.items()
     assert (node.name, node.allocatable["nvidia.com/gpu"], node.allocatable["cpu"]) == (
         "n1",
         8,
         96000,
     )
     asyncio.run(watched["watch-node"].fn(event={"type": "DELETED"}, body=kopf.Body(raw)))
-    assert controller.nodes.items() == []
+    assert nodes.items() == []
     # Without RBAC on nodes (--no-read-nodes) nothing watches them.
     registry, _ = registered(None)
     assert not any(h.id.endswith("-node") for h in registry._watching.get_all_handlers())
