@@ -1,4 +1,4 @@
-"""Names, labels, owner references and hashing shared by every rendered child."""
+"""Names, labels, owner references, Services and hashing shared by every rendered child."""
 
 from __future__ import annotations
 
@@ -64,6 +64,25 @@ def metadata(owner: Owner, name: str, component: str) -> dict[str, Any]:
                 "blockOwnerDeletion": True,
             }
         ],
+    }
+
+
+def port_service(
+    owner: Owner, name: str, component: str, port_name: str, port: int, headless: bool
+) -> Manifest:
+    """A Service of one named TCP port onto the component's pods; headless: its DNS name
+    resolves to every ready pod."""
+    spec: dict[str, Any] = {
+        "selector": selector(owner, component),
+        "ports": [{"name": port_name, "port": port, "targetPort": port_name, "protocol": "TCP"}],
+    }
+    if headless:
+        spec["clusterIP"] = "None"
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(owner, name, component),
+        "spec": spec,
     }
 
 

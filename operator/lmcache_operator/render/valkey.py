@@ -15,6 +15,7 @@ from lmcache_operator.render.common import (
     Owner,
     labels,
     metadata,
+    port_service,
     selector,
     stable_hash,
 )
@@ -235,28 +236,11 @@ def statefulset(spec: Spec, owner: Owner, secret_hash: str | None = None) -> Man
     }
 
 
-def _service(owner: Owner, name: str, headless: bool) -> Manifest:
-    spec: dict[str, Any] = {
-        "selector": selector(owner, VALKEY),
-        "ports": [
-            {"name": "valkey", "port": VALKEY_PORT, "targetPort": "valkey", "protocol": "TCP"}
-        ],
-    }
-    if headless:
-        spec["clusterIP"] = "None"
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata(owner, name, VALKEY),
-        "spec": spec,
-    }
-
-
 def services(owner: Owner) -> list[Manifest]:
     """A headless Service for the StatefulSet's identity, a ClusterIP one for clients."""
     return [
-        _service(owner, owner.child("valkey-headless"), headless=True),
-        _service(owner, owner.child("valkey"), headless=False),
+        port_service(owner, owner.child("valkey-headless"), VALKEY, "valkey", VALKEY_PORT, True),
+        port_service(owner, owner.child("valkey"), VALKEY, "valkey", VALKEY_PORT, False),
     ]
 
 

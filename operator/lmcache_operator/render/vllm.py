@@ -7,7 +7,15 @@ from typing import Any
 
 from lmcache_operator import api, quantity
 from lmcache_operator.render import sizing
-from lmcache_operator.render.common import VLLM, Manifest, Owner, labels, metadata, selector
+from lmcache_operator.render.common import (
+    VLLM,
+    Manifest,
+    Owner,
+    labels,
+    metadata,
+    port_service,
+    selector,
+)
 from lmcache_operator.render.engine_config import CONFIG_KEY, configmap_name
 from lmcache_operator.render.valkey import auth_secret_ref
 from lmcache_operator.spec import Spec
@@ -329,23 +337,10 @@ def service(spec: Spec, owner: Owner) -> Manifest:
     }
 
 
-def kv_events_service_name(owner: Owner) -> str:
-    return owner.child("kv-events")
-
-
 def kv_events_service(spec: Spec, owner: Owner) -> Manifest:
     """Headless: its DNS name resolves to every ready pod's IP, and its EndpointSlices list
     them, so a KV-aware router subscribes to each pod's publisher (events are per pod, a
     load-balanced connection would see one pod's only)."""
-    port = {
-        "name": "kv-events",
-        "port": spec.kv_events.port,
-        "targetPort": "kv-events",
-        "protocol": "TCP",
-    }
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata(owner, kv_events_service_name(owner), VLLM),
-        "spec": {"clusterIP": "None", "selector": selector(owner, VLLM), "ports": [port]},
-    }
+    return port_service(
+        owner, owner.child("kv-events"), VLLM, "kv-events", spec.kv_events.port, headless=True
+    )
