@@ -36,12 +36,6 @@ TMP_SUFFIX = ".tmp"
 TIER = "disk"
 
 
-def _read_header(f: io.BufferedReader) -> serde.Header:
-    """A chunk file's header, reading no further than it says it runs."""
-    prefix = f.read(serde.FIXED_SIZE)
-    return serde.decode_header(prefix + f.read(serde.variable_size(prefix) - serde.FIXED_SIZE))
-
-
 def _open_regular(path: Path) -> io.BufferedReader:
     """Open ``path`` for reading only if it is a regular file: a FIFO under a chunk's name
     would block ``open`` forever, a directory or device is no chunk."""
@@ -115,7 +109,7 @@ class DiskBackend(StorageBackend):
         for _, path in sorted(files):
             try:
                 with _open_regular(path) as f:
-                    header = _read_header(f)
+                    header, _ = serde.read_header(f.read)
                     size = os.fstat(f.fileno()).st_size
                 if path != self.path_of(header.key) or size != header.size + header.payload_len:
                     raise serde.CorruptValue("file name or size does not match its header")
@@ -153,7 +147,7 @@ class DiskBackend(StorageBackend):
         started = time.perf_counter()
         try:
             with _open_regular(path) as f:
-                header = _read_header(f)
+                header, _ = serde.read_header(f.read)
                 header.check(key, self.spec, buffer.num_tokens)
                 target = buffer.raw().numpy().data
                 if f.readinto(target) != header.payload_len or f.read(1):

@@ -8,6 +8,7 @@ foreign bytes become a miss, never wrong KV.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
@@ -28,7 +29,7 @@ MAX_TAG = 32768
 """A tag is what a tier's owner needs to describe the chunk after a restart (the vLLM block
 hashes and token ids of its KV events, ~2 KiB for 256 tokens)."""
 MAX_HEADER = FIXED_SIZE + _MAX_KEY + _MAX_DTYPE + 4 * _MAX_NDIM + MAX_TAG
-"""No valid header is longer: read this many bytes to be sure to have all of it."""
+"""No valid header is longer: ``decode_header`` looks no further."""
 
 
 class CorruptValue(ValueError):
@@ -122,6 +123,16 @@ def variable_size(prefix: bytes) -> int:
     """Bytes of the whole header, given at least its fixed part."""
     key_len, dtype_len, ndim, tag_len, _ = fixed_lengths(prefix)
     return FIXED_SIZE + key_len + dtype_len + 4 * ndim + tag_len
+
+
+def read_header(read: Callable[[int], bytes], limit: int | None = None) -> tuple[Header, int]:
+    """A header and its size, read from a stream no further than it says it runs (a value of
+    ``limit`` bytes cannot hold a longer one)."""
+    fixed = read(FIXED_SIZE)
+    size = variable_size(fixed)
+    if limit is not None and size > limit:
+        raise CorruptValue("truncated header")
+    return decode_header(fixed + read(size - FIXED_SIZE)), size
 
 
 def decode_header(data: bytes | memoryview) -> Header:

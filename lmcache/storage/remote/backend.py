@@ -156,11 +156,7 @@ class RemoteBackend(StorageBackend):
         payload into the slot, verify its checksum."""
         if length < serde.FIXED_SIZE:
             raise serde.CorruptValue(f"value of {length} bytes is shorter than a header")
-        fixed = reader.read(serde.FIXED_SIZE)
-        header_size = serde.variable_size(fixed)
-        if header_size > length:
-            raise serde.CorruptValue("truncated header")
-        header = serde.decode_header(fixed + reader.read(header_size - serde.FIXED_SIZE))
+        header, header_size = serde.read_header(reader.read, length)
         header.check(key, self._spec, buffer.num_tokens)
         if header_size + header.payload_len != length:
             raise serde.CorruptValue(
