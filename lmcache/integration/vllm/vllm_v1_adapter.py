@@ -85,8 +85,9 @@ class LMCacheConnectorV1Impl:
 
     def bind_connector_metadata(self, metadata: KVConnectorMetadata) -> None:
         """vLLM >= 0.33 hands the step's metadata here first (its wrapper keeps a copy) and
-        calls ``start_load_kv`` only after the forward: landed stores are published and
-        finished loads unpinned here, before the step, as ``start_load`` does on 0.25."""
+        calls ``start_load_kv`` after the forward in steps without loads: landed stores are
+        published and finished loads unpinned here, before the step, as ``start_load`` does
+        on 0.25."""
         self.worker.poll()
 
     def handle_preemptions(self, metadata: KVConnectorMetadata) -> None:
