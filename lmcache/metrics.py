@@ -199,22 +199,22 @@ class EngineMetrics:
     def dropped_writes(self, tier: str, count: int = 1) -> None:
         self._of(self._dropped, tier).inc(count)
 
-    def tier_io(self, tier: str, op: str, nbytes: int, seconds: float, count: int = 1) -> None:
-        """A lower tier moved ``nbytes`` in ``count`` operations (``op``: read, write, or
-        lookup: a remote existence check)."""
+    def disk_io(self, op: str, nbytes: int, seconds: float) -> None:
+        """The disk tier moved ``nbytes`` in one ``op`` (read or write)."""
+        self._of(self._disk_ops, op).inc()
+        self._of(self._disk_bytes, op).inc(nbytes)
+        self._of(self._disk_seconds, op).observe(seconds)
+
+    def remote_io(self, op: str, nbytes: int, seconds: float, count: int = 1) -> None:
+        """The remote tier answered ``count`` operations in one call (``op``: get, put, or
+        lookup: an existence check, which moves no KV)."""
         if op == "lookup":
             self._of(self._remote_lookups).inc(count)
-        elif tier == "remote":
-            reads = op == "read"
-            requests = self._remote_reads if reads else self._remote_writes
-            moved = self._remote_read_bytes if reads else self._remote_write_bytes
-            self._of(requests).inc(count)
-            self._of(moved).inc(nbytes)
-            self._of(self._remote_get_ms if reads else self._remote_put_ms).observe(seconds * 1000)
-        else:
-            self._of(self._disk_ops, op).inc(count)
-            self._of(self._disk_bytes, op).inc(nbytes)
-            self._of(self._disk_seconds, op).observe(seconds)
+            return
+        reads = op == "get"
+        self._of(self._remote_reads if reads else self._remote_writes).inc(count)
+        self._of(self._remote_read_bytes if reads else self._remote_write_bytes).inc(nbytes)
+        self._of(self._remote_get_ms if reads else self._remote_put_ms).observe(seconds * 1000)
 
     # -- state ---------------------------------------------------------------------------
 

@@ -268,7 +268,7 @@ class DiskBackend(StorageBackend):
             logger.warning("%s (warned once)", message)
 
     def _observe(self, op: str, nbytes: int, started: float) -> None:
-        self.metrics.tier_io(TIER, op, nbytes, time.perf_counter() - started)
+        self.metrics.disk_io(op, nbytes, time.perf_counter() - started)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued write is on disk (or failed)."""

@@ -319,9 +319,7 @@ class RemoteBackend(StorageBackend):
 
     def _succeeded(self, op: str, nbytes: int, start: float, count: int = 1) -> None:
         self._breaker.success()
-        moved = {"get": "read", "put": "write", "lookup": "lookup"}.get(op)
-        if moved is not None:
-            self._metrics.tier_io(TIER, moved, nbytes, time.monotonic() - start, count)
+        self._metrics.remote_io(op, nbytes, time.monotonic() - start, count)
 
     def _failed(self, op: str, err: Exception) -> None:
         """Every failed call ends here, whatever it raised: the breaker's probe, if this call
