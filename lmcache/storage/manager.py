@@ -146,10 +146,10 @@ class StorageManager:
                     return None
                 key, victim = evicted
                 victim.refs -= 1
+                if self.listener is not None:  # under the lock that changed the index
+                    self.listener.left(key, "cpu")
             self.pool.free(victim)
             self.metrics.evicted("cpu")
-            if self.listener is not None:
-                self.listener.left(key, "cpu")
         return buffer
 
     def _update_gauges(self) -> None:
@@ -265,10 +265,10 @@ class StorageManager:
                     return False
                 buffer.refs += len(self.lower)
                 self.cpu.insert(key, buffer)  # the caller's reference becomes the index's
+                if self.listener is not None:  # under the lock that changed the index
+                    self.listener.landed(key, "cpu")
             else:
                 buffer.refs += len(self.lower)
-        if self.config.local_cpu and self.listener is not None:
-            self.listener.landed(key, "cpu")
         for tier in self.lower:
             self._submit(tier, key, buffer)
         if not self.config.local_cpu:
@@ -403,11 +403,11 @@ class StorageManager:
             if existing is None:
                 buffer.refs += 1  # the index's reference; the caller keeps its pin
                 self.cpu.insert(key, buffer)
+                if self.listener is not None:  # under the lock that changed the index
+                    self.listener.landed(key, "cpu")
             else:
                 self._hold(existing)
         if existing is None:
-            if self.listener is not None:
-                self.listener.landed(key, "cpu")
             return buffer
         self.release(buffer)
         return existing
