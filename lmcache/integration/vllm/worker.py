@@ -340,13 +340,14 @@ class WorkerConnector:
             except Exception:
                 logger.exception("LMCache: publishing stores of %s failed", store.req_id)
                 stored = 0
-            self._stats.record_store(stored, sum(b.nbytes for _, b in store.reserved))
-            with self._lock:
+            with self._lock:  # poll also runs on the rank server's thread
+                self._stats.record_store(stored, sum(b.nbytes for _, b in store.reserved))
                 self._storing[store.req_id] -= 1
         for load in loads:
             nbytes = sum(b.nbytes for b in load.buffers)
             self.engine.metrics.retrieve(load.requested, load.tokens, nbytes, now - load.issued)
-            self._stats.record_load(load.tokens, nbytes, now - load.issued)
+            with self._lock:
+                self._stats.record_load(load.tokens, nbytes, now - load.issued)
             self.engine.storage.release_all(load.buffers)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
@@ -365,9 +366,10 @@ class WorkerConnector:
 
     def take_stats(self) -> TransferStats | None:
         """Transfer statistics since the last call (None when nothing moved)."""
-        if self._stats.is_empty():
-            return None
-        stats, self._stats = self._stats, TransferStats()
+        with self._lock:
+            if self._stats.is_empty():
+                return None
+            stats, self._stats = self._stats, TransferStats()
         return stats
 
     def take_events(self) -> list[KVCacheEvent]:
