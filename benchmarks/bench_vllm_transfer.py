@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from bench_engine import GIB, LLAMA_8B
-from pinned import raw_copy, timed
+from pinned import no_sync, raw_copy, timed
 
 from lmcache import LMCacheEngine, LMCacheEngineConfig
 from lmcache.integration.vllm.paged import ChunkJob, PagedKVCache, PagedTransfer, store_jobs
@@ -61,7 +61,7 @@ def settle(event: torch.cuda.Event | None) -> None:
 def run(num_tokens: int, chunk_size: int, repeat: int, staging_mib: list[int]) -> dict[str, object]:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = torch.cuda.synchronize if cuda else no_sync
     nbytes = num_tokens * LLAMA_8B.bytes_per_token
 
     cache, slots = paged_cache(num_tokens, device)
@@ -92,6 +92,17 @@ def run(num_tokens: int, chunk_size: int, repeat: int, staging_mib: list[int]) -
                 settle(transfer.store(store_jobs(reserved, slots)))
                 assert engine.commit_chunks(reserved) == num_tokens
 
+            def wiped_then_loaded(layerwise: bool) -> tuple[float, bool]:
+                """Seconds of a load into a zeroed cache, and whether it holds the stored KV."""
+                for layer in cache.layers:
+                    layer.zero_()
+                seconds = timed(lambda: load_prompt(layerwise), repeat, sync)
+                exact = all(
+                    torch.equal(layer.index_select(0, blocks), ref)
+                    for layer, ref in zip(cache.layers, reference, strict=True)
+                )
+                return seconds, exact
+
             def load_prompt(layerwise: bool) -> None:
                 with engine.retrieve_chunks(tokens) as views:
                     jobs = [
@@ -103,20 +114,9 @@ def run(num_tokens: int, chunk_size: int, repeat: int, staging_mib: list[int]) -
 
             store = timed(store_new_prompt, repeat, sync)
             reference = [layer.index_select(0, blocks) for layer in cache.layers]
-            for layer in cache.layers:
-                layer.zero_()
-            load = timed(lambda: load_prompt(False), repeat, sync)
-            exact = all(
-                torch.equal(layer.index_select(0, blocks), ref)
-                for layer, ref in zip(cache.layers, reference, strict=True)
-            )
-            for layer in cache.layers:
-                layer.zero_()
-            layerwise = timed(lambda: load_prompt(True), repeat, sync)
-            exact = exact and all(
-                torch.equal(layer.index_select(0, blocks), ref)
-                for layer, ref in zip(cache.layers, reference, strict=True)
-            )
+            load, whole_exact = wiped_then_loaded(False)
+            layerwise, layerwise_exact = wiped_then_loaded(True)
+            exact = whole_exact and layerwise_exact
             if not exact:
                 raise SystemExit(f"{tag or 'fused '}load: the KV read back differs from the stored")
             result[f"{tag}exact"] = exact

@@ -17,11 +17,11 @@ from collections.abc import Callable
 import torch
 
 
-def _no_sync() -> None:
+def no_sync() -> None:
     """CPU work is done when it returns."""
 
 
-def timed(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = _no_sync) -> float:
+def timed(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = no_sync) -> float:
     """Median wall time of ``fn`` (completed on the device) over ``repeat`` runs, after one
     warm-up."""
     fn()
