@@ -73,9 +73,7 @@ class ChunkBuffer:
 
     def kv(self) -> torch.Tensor:
         """The KV view ``[num_layers, kv_factor, num_tokens, heads, head_size]`` of the slot."""
-        spec = self.pool.spec
-        raw = self.pool.slot_bytes(self.slot)[: self.nbytes]
-        return raw.view(spec.dtype).view(spec.shape(self.num_tokens))
+        return self.pool.kv(self.slot, self.num_tokens)
 
     def raw(self, nbytes: int | None = None) -> torch.Tensor:
         """The slot's first ``nbytes`` bytes (default: the used bytes) as uint8."""
@@ -110,6 +108,12 @@ class MemoryPool:
             self._buffer = self._allocate(config, hugepages_without_cuda)
         except (RuntimeError, MemoryError, OSError) as err:
             raise ConfigError(self._allocation_error(config, str(err))) from None
+        self._chunk_size = config.chunk_size
+        # Every slot's full-chunk view, made once: building one costs ~15 us of CPU, and a
+        # transfer of a long prompt needs dozens of them before its first copy can start.
+        self._full_views = list(
+            self._buffer.view(spec.dtype).view(self.num_slots, *spec.shape(config.chunk_size))
+        )
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._lock = threading.Lock()
 
@@ -163,6 +167,14 @@ class MemoryPool:
         start = slot * self.slot_size
         return self._buffer[start : start + self.slot_size]
 
+    def kv(self, slot: int, num_tokens: int) -> torch.Tensor:
+        """Slot ``slot`` holding ``num_tokens`` tokens as ``[num_layers, kv_factor,
+        num_tokens, heads, head_size]`` (a partial chunk packs its tokens at the start)."""
+        if num_tokens == self._chunk_size:
+            return self._full_views[slot]
+        raw = self.slot_bytes(slot)[: num_tokens * self.spec.bytes_per_token]
+        return raw.view(self.spec.dtype).view(self.spec.shape(num_tokens))
+
     @property
     def free_slots(self) -> int:
         return len(self._free)
@@ -188,6 +200,7 @@ class MemoryPool:
         if self._registered:
             torch.cuda.cudart().cudaHostUnregister(self._buffer.data_ptr())
             self._registered = False
+        self._full_views = []
         del self._buffer
         if self._mapping is not None:
             mapping, self._mapping = self._mapping, None

@@ -123,19 +123,19 @@ class StorageManager:
 
     def release(self, buffer: ChunkBuffer) -> None:
         """Drop one reference; the slot returns to the pool with the last one."""
-        with self._lock:
-            buffer.refs -= 1
-            last = buffer.refs == 0
-            if not last:
-                self.cpu.held_changed(buffer)
-        if last:
-            self.pool.free(buffer)
-        self._update_gauges()
+        self.release_all([buffer])
 
     def release_all(self, buffers: Sequence[ChunkBuffer]) -> None:
         """Release a prefix's buffers tail first, so its head ends most recently used."""
         for buffer in reversed(buffers):
-            self.release(buffer)
+            with self._lock:
+                buffer.refs -= 1
+                last = buffer.refs == 0
+                if not last:
+                    self.cpu.held_changed(buffer)
+            if last:
+                self.pool.free(buffer)
+        self._update_gauges()
 
     def _allocate(self, num_tokens: int) -> ChunkBuffer | None:
         """A slot, evicting LRU CPU entries as needed; None when everything is held."""

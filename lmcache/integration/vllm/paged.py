@@ -153,6 +153,11 @@ def store_jobs(reserved: Reserved, slots: torch.Tensor, first_token: int = 0) ->
     ]
 
 
+def _staged_bytes(jobs: Sequence[ChunkJob], num_layers: int) -> int:
+    """Device staging for ``num_layers`` layers of ``jobs`` (chunks of one length)."""
+    return len(jobs) * jobs[0].kv.nbytes // jobs[0].kv.shape[0] * num_layers
+
+
 @dataclass(frozen=True)
 class _Batch:
     """Jobs with the same chunk length and range, with their slots as ``[m, hi-lo]`` on the
@@ -244,25 +249,29 @@ class PagedTransfer:
         num_layers = len(self.cache.layers)
         probe = torch.empty(spec.shape(1), dtype=spec.dtype)
         slot = torch.zeros(1, dtype=torch.long)
-        batch = _Batch([ChunkJob(probe, 0, 1, slot)], self.cache.to_device(slot[None]))
+        batch = self._batches([[ChunkJob(probe, 0, 1, slot)]])[0]
         staged = torch.empty((1, *spec.shape(1)), dtype=spec.dtype, device=self.cache.device)
         self._gather(staged, batch, 0, num_layers)
         self._scatter(staged, batch, 0, num_layers)
         self._scatter(staged[:, :1], batch, 0, 1)  # the layer-wise loads' shape
         torch.cuda.synchronize(self.cache.device)
 
-    def _batches(self, jobs: Sequence[ChunkJob], num_layers: int, budget: int) -> list[_Batch]:
+    @staticmethod
+    def _group(jobs: Sequence[ChunkJob], num_layers: int, budget: int) -> list[list[ChunkJob]]:
         """``jobs`` grouped by (chunk length, lo, hi) and split so that staging
-        ``num_layers`` layers of a batch fits ``budget`` bytes (at least one job a batch).
-        Every batch's slot ids go to the device in one copy, not one per batch: the first
-        DMA of a transfer waits for this."""
+        ``num_layers`` layers of a group fits ``budget`` bytes (at least one job a group)."""
         groups: dict[tuple[int, int, int], list[ChunkJob]] = {}
         for job in jobs:
             groups.setdefault((job.kv.shape[2], job.lo, job.hi), []).append(job)
         parts: list[list[ChunkJob]] = []
         for group in groups.values():
-            size = max(1, budget // group[0].kv[:num_layers].nbytes)
+            size = max(1, budget // _staged_bytes(group[:1], num_layers))
             parts += [group[start : start + size] for start in range(0, len(group), size)]
+        return parts
+
+    def _batches(self, parts: list[list[ChunkJob]]) -> list[_Batch]:
+        """The groups with their slot ids on the device, uploaded in one copy (on the current
+        stream), not one per batch."""
         slots = self.cache.to_device(torch.cat([job.slots for part in parts for job in part]))
         batches, at = [], 0
         for part in parts:
@@ -306,10 +315,10 @@ class PagedTransfer:
             else:
                 self.cache.write(first + layer, index, staged[:, layer, :, lo:hi])
 
-    def _view(self, buffer: torch.Tensor, batch: _Batch, num_layers: int) -> torch.Tensor:
-        """A staging buffer as ``[m, num_layers, kv, n, heads, head]`` for ``batch``."""
+    def _view(self, buffer: torch.Tensor, jobs: list[ChunkJob], num_layers: int) -> torch.Tensor:
+        """A staging buffer as ``[m, num_layers, kv, n, heads, head]`` for a batch's jobs."""
         spec = self.cache.spec
-        shape = (len(batch.jobs), num_layers, *spec.shape(batch.jobs[0].kv.shape[2])[1:])
+        shape = (len(jobs), num_layers, *spec.shape(jobs[0].kv.shape[2])[1:])
         return buffer.view(spec.dtype)[: math.prod(shape)].view(shape)
 
     @staticmethod
@@ -337,7 +346,7 @@ class PagedTransfer:
         num_layers = len(cache.layers)
         d = self._store
         if d is None:
-            for batch in self._batches(jobs, num_layers, self._budget(d)):
+            for batch in self._batches(self._group(jobs, num_layers, self._budget(d))):
                 index = cache.index(batch.slots)
                 for layer in range(num_layers):
                     kv = cache.read(layer, index)
@@ -346,14 +355,13 @@ class PagedTransfer:
             return None
         d.kernel.wait_stream(torch.cuda.current_stream(cache.device))
         with torch.cuda.stream(d.kernel):
-            batches = self._batches(jobs, num_layers, self._budget(d))
+            batches = self._batches(self._group(jobs, num_layers, self._budget(d)))
         for batch in batches:
             lo, hi = batch.lo, batch.hi
-            nbytes = len(batch.jobs) * batch.jobs[0].kv[:num_layers].nbytes
-            i, buffer = d.buffer(nbytes)
+            i, buffer = d.buffer(_staged_bytes(batch.jobs, num_layers))
             with torch.cuda.stream(d.kernel):
                 d.wait_free(d.kernel, i)  # its last batch is on the host
-                staged = self._view(buffer, batch, num_layers)
+                staged = self._view(buffer, batch.jobs, num_layers)
                 self._gather(staged, batch, 0, num_layers)
                 gathered = self._record(d.kernel)
             with torch.cuda.stream(d.copy):
@@ -386,34 +394,37 @@ class PagedTransfer:
             return None
         num_layers = len(cache.layers)
         d = self._load
+        per_step = 1 if layerwise else num_layers
+        parts = self._group(jobs, per_step, self._budget(d))
         if d is None:
-            for batch in self._batches(jobs, num_layers, self._budget(d)):
+            for batch in self._batches(parts):
                 index = cache.index(batch.slots)
                 for layer in range(num_layers):
                     kv = torch.stack([job.kv[layer, :, batch.lo : batch.hi] for job in batch.jobs])
                     cache.write(layer, index, kv)
             return None
-        per_step = 1 if layerwise else num_layers
-        d.kernel.wait_stream(torch.cuda.current_stream(cache.device))
-        with torch.cuda.stream(d.kernel):
-            batches = self._batches(jobs, per_step, self._budget(d))
         # The DMAs into staging wait for nothing but their buffer's last scatter (the ring's
-        # events): the scatters, on the kernel stream, come after the compute stream's work.
-        steps = [(b, layer) for layer in range(0, num_layers, per_step) for b in batches]
-        for n, (batch, first) in enumerate(steps):
-            nbytes = len(batch.jobs) * batch.jobs[0].kv[:per_step].nbytes
-            i, buffer = d.buffer(nbytes)
+        # events), so the first ones are queued before anything else: the slot ids, and the
+        # scatters, on the kernel stream after the compute stream's work, follow.
+        batches: list[_Batch] = []
+        steps = [(k, layer) for layer in range(0, num_layers, per_step) for k in range(len(parts))]
+        for n, (k, first) in enumerate(steps):
+            part = parts[k]
+            i, buffer = d.buffer(_staged_bytes(part, per_step))
             with torch.cuda.stream(d.copy):
                 d.wait_free(d.copy, i)  # its last batch is scattered
-                staged = self._view(buffer, batch, per_step)
-                for job, chunk in zip(batch.jobs, staged, strict=True):
+                staged = self._view(buffer, part, per_step)
+                for job, chunk in zip(part, staged, strict=True):
                     chunk.copy_(job.kv[first : first + per_step], non_blocking=True)
                 arrived = self._record(d.copy)
             with torch.cuda.stream(d.kernel):
+                if not batches:
+                    d.kernel.wait_stream(torch.cuda.current_stream(cache.device))
+                    batches = self._batches(parts)
                 d.kernel.wait_event(arrived)
-                self._scatter(staged, batch, first, per_step)
+                self._scatter(staged, batches[k], first, per_step)
                 d.free[i] = self._record(d.kernel)
-            if layerwise and (n + 1) % len(batches) == 0:
+            if layerwise and (n + 1) % len(parts) == 0:
                 self._layer_events.append(self._record(d.kernel))
         if not layerwise:
             torch.cuda.current_stream(cache.device).wait_stream(d.kernel)
