@@ -16,7 +16,7 @@ from lmcache.integration.vllm.paged import (
     detect_layout,
     store_jobs,
 )
-from tests.vllm.conftest import BLOCK, DEVICES, SlotIO, make_paged
+from tests.vllm.conftest import BLOCK, DEVICES, NO_CUDA, SlotIO, make_paged
 
 NUM_BLOCKS = 64
 CHUNK = 32
@@ -160,6 +160,37 @@ def test_unsupported_shapes_are_refused() -> None:
     mixed = [torch.zeros(4, 2, BLOCK, 2, 8), torch.zeros(4, 2, BLOCK, 2, 4)]
     with pytest.raises(ValueError, match="layers differ"):
         PagedKVCache(mixed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_transfers_queued_behind_a_busy_gpu_keep_their_slot_ids() -> None:
+    """Stores issued while the GPU is still busy (as vLLM's CPU runs ahead of its forward
+    passes) queue their slot-id uploads behind it: the pinned buffers those come from must not
+    be refilled by the next transfer before their copy has run."""
+    layout = PagedLayout.BLOCK_FIRST
+    layers = make_layers(layout, "cuda", hnd=False, seed=5)
+    before = [layer.clone() for layer in layers]
+    transfer = PagedTransfer(PagedKVCache(layers))
+    prompts = [list(range(base, base + 64)) for base in (10_000, 20_000, 30_000, 40_000)]
+    slots = random_slots(len(prompts) * 64, seed=9).view(len(prompts), 64)
+    with make_engine(transfer.cache) as engine:
+        torch.cuda._sleep(200_000_000)  # the compute stream busy for ~0.1 s
+        queued = []
+        for tokens, prompt_slots in zip(prompts, slots, strict=True):
+            reserved = engine.reserve_chunks(tokens)
+            queued.append((reserved, transfer.store(store_jobs(reserved, prompt_slots))))
+        for reserved, done in queued:
+            settle(done)
+            assert engine.commit_chunks(reserved) == 64
+        for layer in layers:
+            layer.zero_()
+        for tokens, prompt_slots in zip(prompts, slots, strict=True):
+            load(engine, transfer, tokens, prompt_slots, 0, 64, layerwise=False)
+
+    for layer, original in zip(layers, before, strict=True):
+        for slot in slots.flatten().tolist():
+            assert torch.equal(slot_of(layer, layout, slot), slot_of(original, layout, slot))
 
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["chunk-major", "layer-major"])
