@@ -514,9 +514,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(".bench/serve.json"))
     args = p.parse_args(argv)
     args.systems = [s for s in args.systems.split(",") if s]
-    unknown = sorted(set(args.systems) - set(serve_systems.SYSTEMS))
+    unknown = sorted(set(args.systems) - set(serve_systems.KNOWN))
     if unknown:
-        p.error(f"--systems: unknown {unknown}; known: {', '.join(serve_systems.SYSTEMS)}")
+        p.error(f"--systems: unknown {unknown}; known: {', '.join(serve_systems.KNOWN)}")
     args.workloads = [w for w in args.workloads.split(",") if w]
     unknown = sorted(set(args.workloads) - set(WORKLOADS))
     if unknown:
@@ -524,10 +524,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     attach: dict[str, str] = {}
     for item in args.attach:
         name, sep, url = item.partition("=")
-        if not sep or name not in serve_systems.SYSTEMS or not url.startswith("http"):
+        if not sep or name not in serve_systems.KNOWN or not url.startswith("http"):
             p.error(
                 f"--attach {item!r}: expected NAME=http://HOST:PORT, NAME one of "
-                f"{', '.join(serve_systems.SYSTEMS)}"
+                f"{', '.join(serve_systems.KNOWN)}"
             )
         attach[name] = url
     args.attach = attach

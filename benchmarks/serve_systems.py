@@ -10,6 +10,9 @@ KV to CPU memory:
 * ``upstream``: upstream LMCache through the same connector and config file, from its own
   ``PYTHONPATH`` (its import name is ``lmcache`` too, so it never shares a path with ours).
 
+On request (``--systems``), ``ours`` with one direction off (``kv_role``): with nothing reused
+they separate what our stores cost from what vLLM's KV-connector path costs by itself.
+
 ``VLLM_SERVER_DEV_MODE=1`` gives every server ``/reset_prefix_cache``; the widened-dummy-weights
 plugin (``benchmarks/gpu/plugin``) is on every server's path.
 """
@@ -30,7 +33,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SYSTEMS = ("vllm", "ours", "native", "upstream")
-KV_TRANSFER = json.dumps({"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"})
+"""Measured by default."""
+DIAGNOSTIC = {"ours-store-only": "kv_producer", "ours-load-only": "kv_consumer"}
+"""``ours`` with loads or stores off, by ``kv_role``. vLLM itself defers freeing a finished
+request's blocks by a step when a connector may load (``kv_consumer`` or ``kv_both``) under
+async scheduling; a store-only server has no such deferral."""
+KNOWN = SYSTEMS + tuple(DIAGNOSTIC)
+
+
+def kv_transfer(role: str = "kv_both") -> str:
+    """``--kv-transfer-config`` for vLLM's built-in LMCache connector."""
+    return json.dumps({"kv_connector": "LMCacheConnectorV1", "kv_role": role})
+
+
 VLLM_CLI = "vllm.entrypoints.cli.main"
 PLUGIN_DIR = Path(__file__).resolve().parent / "gpu" / "plugin"
 LOG_PATTERNS = {
@@ -38,6 +53,7 @@ LOG_PATTERNS = {
     "ours": r"LMCache",
     "native": r"[Oo]ffload",
     "upstream": r"LMCache",
+    **{name: r"LMCache" for name in DIAGNOSTIC},
 }
 
 
@@ -101,8 +117,8 @@ def server_spec(
     ``PYTHONPATH`` is set, not extended: an inherited entry holding our ``lmcache`` must not
     reach the upstream server (extra entries go in ``Layout.site``).
     """
-    if name not in SYSTEMS:
-        raise ValueError(f"unknown system {name!r}; systems are {', '.join(SYSTEMS)}")
+    if name not in KNOWN:
+        raise ValueError(f"unknown system {name!r}; systems are {', '.join(KNOWN)}")
     if name == "upstream" and layout.upstream is None:
         raise ValueError("upstream LMCache is not available here (pass --upstream-path)")
     path: list[str] = []
@@ -115,12 +131,13 @@ def server_spec(
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    if name == "ours":
+    ours = name == "ours" or name in DIAGNOSTIC
+    if ours:
         path.append(str(layout.repo))
     elif name == "upstream":
         path.extend(layout.upstream or ())
-    if name in ("ours", "upstream"):
-        offload = ["--kv-transfer-config", KV_TRANSFER]
+    if ours or name == "upstream":
+        offload = ["--kv-transfer-config", kv_transfer(DIAGNOSTIC.get(name, "kv_both"))]
         env["LMCACHE_CONFIG_FILE"] = str(layout.config_file)
     elif name == "native":
         offload = ["--kv-offloading-size", str(cpu_gb)]

@@ -38,9 +38,7 @@ def test_llama_8b_kv_is_128_kib_per_token() -> None:
 def test_servers_differ_only_in_what_offloads(tmp_path: Path) -> None:
     where = layout(tmp_path, upstream=("/tmp/site-upstream/src", "/tmp/site-upstream/deps"))
     flags = serve_systems.common_flags(16384, 0.14, 2684354560, ["--seed", "1"])
-    specs = {
-        n: serve_systems.server_spec(n, where, 8000, flags, 5.0) for n in serve_systems.SYSTEMS
-    }
+    specs = {n: serve_systems.server_spec(n, where, 8000, flags, 5.0) for n in serve_systems.KNOWN}
     for spec in specs.values():
         assert spec.argv[:6] == [
             "python3",
@@ -57,12 +55,14 @@ def test_servers_differ_only_in_what_offloads(tmp_path: Path) -> None:
         )
     assert specs["vllm"].argv[7 + len(flags) :] == []
     assert specs["native"].argv[7 + len(flags) :] == ["--kv-offloading-size", "5.0"]
-    for name in ("ours", "upstream"):
-        assert specs[name].argv[7 + len(flags) :] == [
-            "--kv-transfer-config",
-            serve_systems.KV_TRANSFER,
-        ]
+    roles = {"ours": "kv_both", "upstream": "kv_both"} | serve_systems.DIAGNOSTIC
+    for name, role in roles.items():
+        flag, config = specs[name].argv[7 + len(flags) :]
+        assert flag == "--kv-transfer-config"
+        assert json.loads(config) == {"kv_connector": "LMCacheConnectorV1", "kv_role": role}
         assert specs[name].env["LMCACHE_CONFIG_FILE"] == str(tmp_path / "cpu-offload.yaml")
+        if name != "upstream":
+            assert specs[name].env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)
     ours_path = specs["ours"].env["PYTHONPATH"].split(os.pathsep)
     upstream_path = specs["upstream"].env["PYTHONPATH"].split(os.pathsep)
     assert ours_path[0] == str(REPO)
