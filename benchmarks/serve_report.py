@@ -276,6 +276,7 @@ def plot(results: Result, path: Path) -> None:
             values = [(_get(systems[n], *keys) or 0.0) * scale for n in names]
             axis.bar([i + k * width for i in range(len(names))], values, width, label=label)
         axis.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(names))], names)
+        axis.tick_params(axis="x", labelsize=9 if len(names) > 4 else 10)
         axis.set_title(title)
         axis.legend()
     header, rows = table(results)
