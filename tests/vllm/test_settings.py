@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
+import shutil
 from pathlib import Path
 
 import pytest
 
 from lmcache.config import ConfigError
-from lmcache.integration.vllm.settings import engine_config
+from lmcache.integration.vllm.settings import engine_config, local_weights, model_identity
 from tests.vllm.conftest import make_vllm_config
 
 
@@ -37,3 +39,35 @@ def test_bad_extra_value_names_its_source(model_dir: Path) -> None:
         ConfigError, match="chunk_size: invalid value 'many' from kv_connector_extra_config"
     ):
         engine_config(vllm_config)
+
+
+def write_weights(model: Path, seed: int) -> None:
+    """Two shards of random bytes (3 MiB and 100 KiB), as a local checkpoint would hold."""
+    rng = random.Random(seed)
+    (model / "model-00001-of-00002.safetensors").write_bytes(rng.randbytes(3 << 20))
+    (model / "model-00002-of-00002.safetensors").write_bytes(rng.randbytes(100 << 10))
+
+
+def test_local_weights_rewritten_in_place_change_the_keys(model_dir: Path, tmp_path: Path) -> None:
+    """A new fine-tune saved under the same path must not load the old weights' KV from disk or
+    Valkey; the same weights on another pod (another copy) must keep sharing it."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    write_weights(model, seed=1)
+    before = model_identity(make_vllm_config(model))
+    assert local_weights(model) is not None and local_weights(model) in before
+
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    assert local_weights(copy) == local_weights(model)
+
+    write_weights(model, seed=2)  # same names and sizes, new values
+    assert model_identity(make_vllm_config(model)) != before
+
+
+def test_no_weights_no_fingerprint(model_dir: Path, tmp_path: Path) -> None:
+    assert local_weights(model_dir) is None  # config.json only
+    assert local_weights(tmp_path / "missing") is None
+    dummy = make_vllm_config(model_dir)
+    dummy.load_config.load_format = "dummy"
+    assert model_identity(dummy).endswith("+seed0")

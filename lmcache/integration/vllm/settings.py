@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +15,8 @@ from lmcache.spec import KVSpec
 if TYPE_CHECKING:
     from vllm.config import KVTransferConfig, VllmConfig
     from vllm.v1.request import Request
+
+logger = logging.getLogger("lmcache")
 
 EXTRA_PREFIX = "lmcache."
 EXTRA_SOURCE = "kv_connector_extra_config"
@@ -99,18 +103,16 @@ def model_identity(vllm_config: VllmConfig) -> str:
 
     vLLM's own model-config hash covers architecture, dtype, quantization, revision and the
     rest of what shapes the forward pass; the Hugging Face snapshot actually loaded covers
-    an unpinned revision that moved (a rolling update must not load the old weights' KV into
-    the new model); dummy weights differ by seed. A local directory's weights are not hashed
-    (16 GB per start): give a new path or ``--revision`` when weights change in place.
+    an unpinned revision that moved, and a local directory's weight files are fingerprinted
+    (a rolling update must not load the old weights' KV into the new model, from disk or
+    Valkey); dummy weights differ by seed.
     """
     model = vllm_config.model_config
     identity = f"{model.model}@{model.revision or ''}#{model.compute_hash()[:16]}"
-    snapshot = _snapshot(str(model.model), model.revision)
-    if snapshot:
-        identity += f"+{snapshot}"
     if str(vllm_config.load_config.load_format) == "dummy":
-        identity += f"+seed{model.seed}"
-    return identity
+        return identity + f"+seed{model.seed}"
+    weights = _snapshot(str(model.model), model.revision) or local_weights(Path(model.model))
+    return identity + f"+{weights}" if weights else identity
 
 
 def _snapshot(model: str, revision: str | None) -> str | None:
@@ -124,6 +126,37 @@ def _snapshot(model: str, revision: str | None) -> str | None:
     except Exception:
         return None
     return Path(found).parent.name if isinstance(found, str) else None
+
+
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf"})
+SAMPLES_PER_FILE = 8
+SAMPLE_BYTES = 64 << 10
+
+
+def local_weights(root: Path) -> str | None:
+    """A fingerprint of a local model directory's weight files: each one's name, size and 8
+    samples of 64 KiB spread over it. A few MiB read at start-up instead of the whole model
+    (16 GB for an 8B), and the same on every pod that holds a copy; weights rewritten in
+    place (a new fine-tune under the same path) change it. None when ``root`` is not a
+    directory of weights."""
+    if not root.is_dir():
+        return None
+    files = sorted(p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    try:
+        for path in files:
+            size = path.stat().st_size
+            digest.update(f"{path.relative_to(root)}\0{size}\0".encode())
+            with path.open("rb") as weights:
+                for i in range(SAMPLES_PER_FILE):
+                    weights.seek(max(0, size - SAMPLE_BYTES) * i // (SAMPLES_PER_FILE - 1))
+                    digest.update(weights.read(SAMPLE_BYTES))
+    except OSError as err:
+        logger.warning("LMCache: weights in %s not fingerprinted (%s); keys omit them", root, err)
+        return None
+    return digest.hexdigest()[:16]
 
 
 def kv_dtype(vllm_config: VllmConfig, spec: KVSpec) -> str:
