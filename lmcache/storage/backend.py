@@ -27,6 +27,10 @@ class TierListener(Protocol):
 
     def tag(self, key: str) -> bytes: ...
 
+    def settled(self, key: str) -> None:
+        """Every write-back of ``key`` has finished (written, failed or dropped): whatever
+        it did not land in will not get it."""
+
 
 class StorageBackend(ABC):
     """A lower tier. Implementations must be thread-safe."""

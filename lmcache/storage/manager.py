@@ -269,21 +269,30 @@ class StorageManager:
                     self.listener.landed(key, "cpu")
             else:
                 buffer.refs += len(self.lower)
+        pending = [len(self.lower)]  # write-backs of this chunk not finished yet
         for tier in self.lower:
-            self._submit(tier, key, buffer)
+            self._submit(tier, key, buffer, pending)
         if not self.config.local_cpu:
             self.release(buffer)
         return True
 
-    def _submit(self, tier: StorageBackend, key: str, buffer: ChunkBuffer) -> None:
+    def _submit(
+        self, tier: StorageBackend, key: str, buffer: ChunkBuffer, pending: list[int]
+    ) -> None:
         """Hand a write-back to a tier; its reference is released exactly once, whatever the
-        tier does."""
+        tier does, and the listener hears when the chunk's last write-back is over."""
         released = threading.Event()
 
         def done() -> None:
-            if not released.is_set():
-                released.set()
-                self.release(buffer)
+            if released.is_set():
+                return
+            released.set()
+            self.release(buffer)
+            with self._lock:
+                pending[0] -= 1
+                last = pending[0] == 0
+            if last and self.listener is not None:
+                self.listener.settled(key)
 
         try:
             tier.submit(key, buffer, done)

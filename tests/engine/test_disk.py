@@ -208,6 +208,9 @@ class _LongTags:
     def tag(self, key: str) -> bytes:
         return b"x" * (MAX_TAG + 1)
 
+    def settled(self, key: str) -> None:
+        pass
+
 
 def test_a_tag_too_long_for_a_header_is_left_out(tmp_path: Path) -> None:
     """The chunk is still written and read back after a restart; only its tag is dropped."""

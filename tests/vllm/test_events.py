@@ -146,6 +146,30 @@ def test_disk_chunks_are_announced_again_after_a_restart(
     assert len(engine_blocks(second, [tokens], ("disk",))) == 3 * CHUNK // BLOCK
 
 
+@pytest.mark.parametrize("local_cpu", [True, False], ids=["cpu-and-disk", "disk-only"])
+def test_descriptions_go_with_the_chunks(
+    rig_factory: RigFactory,
+    events: tuple[tuple[str, str], Subscriber],
+    tmp_path: Path,
+    local_cpu: bool,
+) -> None:
+    """What a chunk's events need is kept while a tier of this pod holds it, and no longer:
+    chunks whose disk writes are dropped (a tier too small for one chunk) and that no CPU
+    cache holds leave nothing behind, in a server that runs for months."""
+    endpoints, _ = events
+    tiny_disk = {"lmcache.local_disk": str(tmp_path), "lmcache.max_local_disk_size": 1e-6}
+    config = {**tiny_disk, "lmcache.local_cpu": local_cpu}
+    rig = rig_factory(config, kv_events=endpoints, **MODULE)
+    tokens = prompt(3 * CHUNK)
+    rig.add("r1", tokens)
+    rig.run()
+    assert rig.engine.flush(timeout=30)
+    assert rig.engine.metrics.value("lmcache_dropped_writes_total", tier="disk") == 3
+    tier_events = rig.connector.events
+    assert tier_events is not None
+    assert len(tier_events) == (3 if local_cpu else 0)
+
+
 def test_vllms_own_wrapper_carries_stores_only(
     rig_factory: RigFactory, events: tuple[tuple[str, str], Subscriber]
 ) -> None:

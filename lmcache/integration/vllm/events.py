@@ -157,6 +157,18 @@ class TierEvents:
             event = self._described.pop(key)
             self._pending.append(BlockRemoved(list(event.block_hashes), MEDIUM[tier]))
 
+    def settled(self, key: str) -> None:
+        """A chunk's write-backs are over: a description no tier of this pod holds goes (a
+        remote-only store, a failed or dropped disk write), else it would stay forever."""
+        with self._lock:
+            if key not in self._where:
+                self._described.pop(key, None)
+
+    def __len__(self) -> int:
+        """Chunks described: landed in a tier of this pod, or on their way (tests)."""
+        with self._lock:
+            return len(self._described)
+
     def take(self) -> list[KVCacheEvent]:
         """The events since the last call, in order."""
         with self._lock:
