@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmcache_operator import quantity
-from lmcache_operator.render import sizing
+from lmcache_operator.render import vllm
 from lmcache_operator.spec import Spec
 
 HUGEPAGES = "hugepages-2Mi"
@@ -62,16 +62,13 @@ class Verdict:
 
 
 def pod_requests(spec: Spec) -> dict[str, int]:
-    """What one vLLM pod requests, in the units `Node.allocatable` uses."""
+    """What one vLLM pod's container requests (as rendered), in the units
+    `Node.allocatable` uses."""
+    requests = vllm.resources(spec)["requests"]
     need = {
-        "cpu": int(quantity.parse(spec.resources.cpu) * 1000),
-        "memory": sizing.container_memory_bytes(spec),
-        "ephemeral-storage": sizing.ephemeral_storage_bytes(spec),
-        spec.resources.gpu_resource_name: spec.gpus_per_pod,
-        "pods": 1,
+        name: int(quantity.parse(value) * _UNITS.get(name, 1)) for name, value in requests.items()
     }
-    if hugepages := sizing.hugepages_per_pod(spec):
-        need[HUGEPAGES] = hugepages
+    need["pods"] = 1
     return need
 
 
