@@ -562,7 +562,9 @@ def _engine_value_problem(schema: Mapping[str, Any], value: Any) -> str | None:
 def _volume_problems(spec: Spec) -> list[str]:
     """Passthrough volumes must not shadow the operator's, and every mount needs a volume."""
     found = []
-    managed_paths = {api.CONFIG_DIR, "/dev/shm", spec.model_cache.path, api.METRICS_DIR}
+    managed_paths = {api.CONFIG_DIR, "/dev/shm", spec.model_cache.path}
+    if spec.metrics_enabled:
+        managed_paths.add(api.METRICS_DIR)
     if spec.lmcache.hugepages:
         managed_paths.add(api.HUGEPAGES_DIR)
     if spec.lmcache.local_disk.enabled:

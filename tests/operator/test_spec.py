@@ -6,7 +6,7 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
-from lmcache_operator import quantity
+from lmcache_operator import api, quantity
 from lmcache_operator.spec import SpecError, parse, problems
 
 
@@ -230,6 +230,15 @@ def test_a_valid_spec_has_no_problems() -> None:
 def test_problems_name_the_field_and_the_fix(spec: dict[str, Any], expected: str) -> None:
     found = check(spec)
     assert any(expected in p for p in found), found
+
+
+def test_the_metrics_directory_is_the_operators_only_while_metrics_are_on() -> None:
+    mount = {
+        "volumes": [{"name": "m", "emptyDir": {}}],
+        "volumeMounts": [{"name": "m", "mountPath": api.METRICS_DIR}],
+    }
+    assert any(f"{api.METRICS_DIR} is already mounted" in p for p in check(mount))
+    assert check({**mount, "metrics": {"enabled": False}}) == []
 
 
 def test_hf_token_env_is_fine_without_a_secret_ref() -> None:
