@@ -86,6 +86,28 @@ def port_service(
     }
 
 
+def pod_security(uid: int) -> dict[str, Any]:
+    """Pod Security Standards "restricted" for a pod: non-root as ``uid``, its volumes owned
+    by that group, the runtime's default seccomp profile."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security(read_only_root: bool = False) -> dict[str, Any]:
+    """Pod Security Standards "restricted" for a container: no privilege escalation, no
+    capabilities."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+    } | ({"readOnlyRootFilesystem": True} if read_only_root else {})
+
+
 def stable_hash(value: Any) -> str:
     """A short digest of a JSON-able value, independent of dict ordering."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

@@ -13,8 +13,10 @@ from lmcache_operator.render.common import (
     VLLM,
     Manifest,
     Owner,
+    container_security,
     labels,
     metadata,
+    pod_security,
     port_service,
     selector,
     stable_hash,
@@ -166,12 +168,7 @@ def _container(spec: Spec, owner: Owner) -> dict[str, Any]:
             {"name": "run", "mountPath": "/run/valkey"},
             {"name": "data", "mountPath": "/data"},
         ],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": container_security(read_only_root=True),
     }
 
 
@@ -208,13 +205,7 @@ def statefulset(spec: Spec, owner: Owner, secret_hash: str | None = None) -> Man
                 "annotations": annotations,
             },
             "spec": {
-                "securityContext": {
-                    "runAsNonRoot": True,
-                    "runAsUser": VALKEY_UID,
-                    "runAsGroup": VALKEY_UID,
-                    "fsGroup": VALKEY_UID,
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
+                "securityContext": pod_security(VALKEY_UID),
                 "automountServiceAccountToken": False,
                 "containers": [_container(spec, owner)],
                 "volumes": volumes,

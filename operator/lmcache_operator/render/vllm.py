@@ -11,8 +11,10 @@ from lmcache_operator.render.common import (
     VLLM,
     Manifest,
     Owner,
+    container_security,
     labels,
     metadata,
+    pod_security,
     port_service,
     selector,
 )
@@ -215,15 +217,6 @@ def container_ports(spec: Spec) -> list[dict[str, Any]]:
     return ports
 
 
-# Pod Security Standards "restricted": non-root, no privilege escalation, no capabilities,
-# the runtime's default seccomp profile.
-CONTAINER_SECURITY = {
-    "allowPrivilegeEscalation": False,
-    "capabilities": {"drop": ["ALL"]},
-    "runAsNonRoot": True,
-}
-
-
 def container(spec: Spec, owner: Owner, mounts: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "name": "vllm",
@@ -235,7 +228,7 @@ def container(spec: Spec, owner: Owner, mounts: list[dict[str, Any]]) -> dict[st
         "ports": container_ports(spec),
         "resources": resources(spec),
         "volumeMounts": mounts,
-        "securityContext": CONTAINER_SECURITY,
+        "securityContext": container_security(),
         # Model download and load can take many minutes; /health only answers after that.
         "startupProbe": _probe("/health", STARTUP_PERIOD, startup_failures(spec)),
         "readinessProbe": _probe("/health", 10, 3),
@@ -257,13 +250,7 @@ def pod_spec(spec: Spec, owner: Owner) -> dict[str, Any]:
     volumes, mounts = _volumes(spec, owner)
     place = spec.placement
     pod: dict[str, Any] = {
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": VLLM_UID,
-            "runAsGroup": VLLM_UID,
-            "fsGroup": VLLM_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security(VLLM_UID),
         # vLLM never calls the Kubernetes API: no token in the pod.
         "automountServiceAccountToken": False,
         "containers": [container(spec, owner, mounts)],
