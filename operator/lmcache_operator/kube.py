@@ -286,8 +286,12 @@ class KubeCluster:
         cached = self.cache.get((api_version, kind, namespace, name))
         if cached is not None:
             return cached
+        return self._get_or_none(path(api_version, kind, namespace, name))
+
+    def _get_or_none(self, url: str, accept: str = "application/json") -> Body | None:
+        """GET (retried), None on 404."""
         try:
-            return retrying(lambda: self.request("GET", path(api_version, kind, namespace, name)))
+            return retrying(lambda: self.request("GET", url, accept=accept))
         except ApiError as e:
             if e.status == 404:
                 return None
@@ -365,16 +369,7 @@ class KubeCluster:
     def secret_metadata(self, namespace: str, name: str) -> Body | None:
         """A Secret's metadata only (PartialObjectMetadata): the operator never needs, and so
         never receives, the data of a Secret."""
-        try:
-            return retrying(
-                lambda: self.request(
-                    "GET", path("v1", "Secret", namespace, name), accept=PARTIAL_METADATA
-                )
-            )
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
+        return self._get_or_none(path("v1", "Secret", namespace, name), PARTIAL_METADATA)
 
     def create(self, manifest: Body) -> Body | None:
         """POST; None when the object already exists (409), which is never overwritten."""
