@@ -115,9 +115,10 @@ class Reconciler:
         one would split the running server's password from its clients', so nothing is
         regenerated and nothing is applied until a human decides (`SecretMissing`).
         """
-        name = valkey.remote_secret(spec, owner)
-        if name is None:
+        creds = valkey.credentials(spec, owner)
+        if creds is None:
             return None
+        name = creds.secret
         meta = self.cluster.secret_metadata(owner.namespace, name)
         if meta is None and valkey.generated_secret_needed(spec):
             server = self._get("apps/v1", "StatefulSet", owner, owner.child("valkey"))
@@ -133,12 +134,9 @@ class Reconciler:
                 owner.namespace, name
             )
         if meta is None:
-            source = (
-                "valkey.auth.existingSecret"
-                if spec.valkey.enabled
-                else "remote.credentialsSecretRef.name"
+            raise SecretMissing(
+                f"Secret {name} ({creds.field}) not found; create it, or fix the name"
             )
-            raise SecretMissing(f"Secret {name} ({source}) not found; create it, or fix the name")
         return stable_hash([meta["metadata"]["uid"], meta["metadata"]["resourceVersion"]])
 
     def _apply(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -41,12 +42,31 @@ def auth_secret_ref(spec: Spec, owner: Owner) -> tuple[str, str] | None:
     return (auth.existing_secret or secret_name(owner), auth.password_key)
 
 
-def remote_secret(spec: Spec, owner: Owner) -> str | None:
-    """The Secret vLLM pods read the remote tier's password from, at start, if any."""
+@dataclass(frozen=True)
+class Credentials:
+    """The Secret vLLM pods read the remote tier's credentials from (as env, at start)."""
+
+    secret: str
+    password_key: str
+    username_key: str | None
+    """None for the in-cluster Valkey: a password only."""
+    field: str
+    """The spec field that names the Secret, for messages."""
+
+
+def credentials(spec: Spec, owner: Owner) -> Credentials | None:
+    """The in-cluster Valkey's password (generated or ``valkey.auth.existingSecret``), else
+    an external server's ``remote.credentialsSecretRef``, else None."""
     if ref := auth_secret_ref(spec, owner):
-        return ref[0]
-    if spec.remote.url and spec.remote.credentials_secret:
-        return spec.remote.credentials_secret
+        return Credentials(ref[0], ref[1], None, "valkey.auth.existingSecret")
+    remote = spec.remote
+    if remote.url and remote.credentials_secret:
+        return Credentials(
+            remote.credentials_secret,
+            remote.password_key,
+            remote.username_key,
+            "remote.credentialsSecretRef.name",
+        )
     return None
 
 

@@ -19,7 +19,7 @@ from lmcache_operator.render.common import (
     selector,
 )
 from lmcache_operator.render.engine_config import CONFIG_KEY, configmap_name
-from lmcache_operator.render.valkey import auth_secret_ref
+from lmcache_operator.render.valkey import credentials
 from lmcache_operator.spec import Spec
 
 # "recompute": a chunk the engine cannot load (a dead remote, a corrupt file) is recomputed;
@@ -87,13 +87,11 @@ def env(spec: Spec, owner: Owner) -> list[dict[str, Any]]:
     ]
     if spec.metrics_enabled:
         out.append({"name": "PROMETHEUS_MULTIPROC_DIR", "value": api.METRICS_DIR})
-    valkey_ref = auth_secret_ref(spec, owner)
-    if valkey_ref:
-        out.append(_secret_env("LMCACHE_REMOTE_PASSWORD", *valkey_ref))
-    elif spec.remote.url and spec.remote.credentials_secret:
-        secret = spec.remote.credentials_secret
-        out.append(_secret_env("LMCACHE_REMOTE_USERNAME", secret, spec.remote.username_key, True))
-        out.append(_secret_env("LMCACHE_REMOTE_PASSWORD", secret, spec.remote.password_key))
+    if creds := credentials(spec, owner):
+        if creds.username_key is not None:
+            user = _secret_env("LMCACHE_REMOTE_USERNAME", creds.secret, creds.username_key, True)
+            out.append(user)
+        out.append(_secret_env("LMCACHE_REMOTE_PASSWORD", creds.secret, creds.password_key))
     if spec.hf_token:
         out.append(_secret_env("HF_TOKEN", spec.hf_token.name, spec.hf_token.key))
     return out + [dict(v) for v in spec.vllm.env]
