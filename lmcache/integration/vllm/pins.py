@@ -40,6 +40,8 @@ class PinTable:
         self._engine = engine
         self._lock = threading.Lock()
         self._pinned: dict[str, _Pinned] = {}
+        self._count = 0
+        """Chunks pinned in all records (kept, not summed: the gauge follows every change)."""
         self._stager = ThreadPoolExecutor(2, thread_name_prefix="lmcache-stage")
 
     def lookup(self, req_id: str, digests: Sequence[ChunkRange]) -> Answer:
@@ -54,6 +56,7 @@ class PinTable:
         found = storage.lookup([c.key for c in rest])[0] if rest and storage.lower else 0
         with self._lock:  # in the table before its staging job can look for it there
             self._pinned[req_id] = record
+            self._count += len(buffers)
             if found:
                 record.staging = self._stager.submit(self._stage, req_id, record, rest[:found])
         if chunks:
@@ -77,6 +80,7 @@ class PinTable:
             if current:
                 record.keys += [c.key for c in chunks[: len(loaded)]]
                 record.buffers += loaded
+                self._count += len(loaded)
                 record.staging = None
         if not current:  # released (or looked up again) meanwhile: the CPU cache keeps them
             self._engine.storage.release_all(loaded)
@@ -96,7 +100,7 @@ class PinTable:
         releases them once its copies are done); the request's other pins are released.
         None when this rank does not hold exactly that run (the load cannot be served)."""
         with self._lock:
-            record = self._pinned.pop(req_id, None)
+            record = self._pop(req_id)
         if record is None:
             return None
         n = len(keys)
@@ -108,10 +112,17 @@ class PinTable:
     def release(self, req_id: str) -> None:
         """Unpin a request's chunks (a staging job still running releases its own)."""
         with self._lock:
-            record = self._pinned.pop(req_id, None)
+            record = self._pop(req_id)
         if record is not None:
             self._engine.storage.release_all(record.buffers)
             self._gauge()
+
+    def _pop(self, req_id: str) -> _Pinned | None:
+        """Take a request's record out of the table (lock held)."""
+        record = self._pinned.pop(req_id, None)
+        if record is not None:
+            self._count -= len(record.buffers)
+        return record
 
     def _gauge(self) -> None:
         self._engine.metrics.pinned(len(self))
@@ -119,7 +130,7 @@ class PinTable:
     def __len__(self) -> int:
         """Chunks pinned for requests (tests and gauges)."""
         with self._lock:
-            return sum(len(r.buffers) for r in self._pinned.values())
+            return self._count
 
     def close(self) -> None:
         """Wait for staging jobs, then release every pin."""
