@@ -33,7 +33,13 @@ from bench_engine import GIB, LLAMA_8B
 from pinned import no_sync, raw_copy, timed
 
 from lmcache import LMCacheEngine, LMCacheEngineConfig
-from lmcache.integration.vllm.paged import ChunkJob, PagedKVCache, PagedTransfer, store_jobs
+from lmcache.integration.vllm.paged import (
+    ChunkJob,
+    Issued,
+    PagedKVCache,
+    PagedTransfer,
+    store_jobs,
+)
 
 BLOCK = 16
 
@@ -53,9 +59,9 @@ def paged_cache(num_tokens: int, device: torch.device) -> tuple[PagedKVCache, to
     return PagedKVCache(layers), slots
 
 
-def settle(event: torch.cuda.Event | None) -> None:
-    if event is not None:
-        event.synchronize()
+def settle(issued: Issued | None) -> None:
+    if issued is not None:
+        issued.done.synchronize()
 
 
 def run(num_tokens: int, chunk_size: int, repeat: int, staging_mib: list[int]) -> dict[str, object]:

@@ -10,6 +10,7 @@ from lmcache import LMCacheEngine, LMCacheEngineConfig
 from lmcache.integration.vllm.paged import (
     STAGING_BYTES,
     ChunkJob,
+    Issued,
     PagedKVCache,
     PagedLayout,
     PagedTransfer,
@@ -52,11 +53,12 @@ def make_engine(cache: PagedKVCache) -> LMCacheEngine:
     return LMCacheEngine(config, cache.spec, "paged-test")
 
 
-def settle(event: torch.cuda.Event | None) -> None:
-    """Wait for a transfer's event, and for the compute stream a load made wait on it (a
-    test's stand-in for vLLM's forward pass reading the KV)."""
-    if event is not None:
-        event.synchronize()
+def settle(issued: Issued | None) -> None:
+    """Wait for a transfer, and for the compute stream a load made wait on it (a test's
+    stand-in for vLLM's forward pass reading the KV)."""
+    if issued is not None:
+        issued.done.synchronize()
+        assert issued.landed() and issued.seconds() > 0
         torch.cuda.current_stream().synchronize()
 
 

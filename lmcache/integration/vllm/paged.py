@@ -7,8 +7,8 @@ by one Triton launch for every layer (``kernels.py``; PyTorch indexing, one kern
 on CPU and with ``fused=False``), and each chunk crosses the bus as one large DMA between its
 staging block and its pinned pool slot. On CUDA the kernels run on a transfer stream and the
 DMAs (``non_blocking=True``) on a copy stream, overlapped batch by batch, and nothing waits on
-the CPU: a store returns an event the worker polls before it publishes the chunks; a load
-makes the compute stream wait (per layer with ``use_layerwise``). On CPU tensors the same code
+the CPU: a store returns a timed transfer the worker polls before it publishes the chunks; a
+load makes the compute stream wait (per layer with ``use_layerwise``). On CPU tensors the same code
 runs synchronously."""
 
 from __future__ import annotations
@@ -131,6 +131,23 @@ their own, so a load never waits behind a store): bounds what transfers borrow f
 GPU memory. Allocated once, with the KV caches, not inside a step. Measured on an H200:
 128-512 MiB in all keep the DMAs back to back; 64 MiB and less leave the copy engine waiting
 on kernel launches."""
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A transfer queued on the device. ``done`` completes once its last copy has run;
+    with ``started``, recorded where its first copy was queued, it times the transfer on the
+    GPU (the worker sees it land a step or more later: a CPU clock would count the steps)."""
+
+    started: torch.cuda.Event
+    done: torch.cuda.Event
+
+    def landed(self) -> bool:
+        return self.done.query()
+
+    def seconds(self) -> float:
+        """From the transfer's start to its last copy (once landed)."""
+        return self.started.elapsed_time(self.done) / 1e3
 
 
 @dataclass(frozen=True)
@@ -352,8 +369,8 @@ class PagedTransfer:
         return buffer.view(spec.dtype)[: math.prod(shape)].view(shape)
 
     @staticmethod
-    def _record(stream: torch.cuda.Stream) -> torch.cuda.Event:
-        event = torch.cuda.Event()
+    def _record(stream: torch.cuda.Stream, timing: bool = False) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=timing)
         event.record(stream)
         return event
 
@@ -362,13 +379,13 @@ class PagedTransfer:
 
     # -- store (paged -> pinned) ---------------------------------------------------------
 
-    def store(self, jobs: Sequence[ChunkJob]) -> torch.cuda.Event | None:
+    def store(self, jobs: Sequence[ChunkJob]) -> Issued | None:
         """Copy the KV at each job's slots into its pinned chunk.
 
         On CPU the copies are done on return (None). On CUDA they are queued after the
         compute stream's work so far (the forward pass that wrote the KV) and the returned
-        event completes once every byte has landed in pinned memory; the caller keeps the
-        chunks unpublished, and vLLM's blocks unfreed, until then.
+        transfer lands once every byte is in pinned memory; the caller keeps the chunks
+        unpublished, and vLLM's blocks unfreed, until then.
         """
         if not jobs:
             return None
@@ -384,6 +401,7 @@ class PagedTransfer:
                         job.kv[layer, :, batch.lo : batch.hi].copy_(chunk)
             return None
         d.kernel.wait_stream(torch.cuda.current_stream(cache.device))
+        started = self._record(d.kernel, timing=True)
         with torch.cuda.stream(d.kernel):
             batches = self._batches(self._group(jobs, num_layers, self._budget(d)), d)
         for batch in batches:
@@ -399,19 +417,19 @@ class PagedTransfer:
                 for job, chunk in zip(batch.jobs, staged, strict=True):
                     job.kv[:, :, lo:hi].copy_(chunk[:, :, lo:hi], non_blocking=True)
                 d.free[i] = self._record(d.copy)
-        return self._record(d.copy)
+        return Issued(started, self._record(d.copy, timing=True))
 
-    def fence(self, event: torch.cuda.Event | None) -> None:
-        """Make the compute stream wait for ``event`` (no CPU stall): before vLLM's next
-        forward may overwrite blocks a store is still reading (a preempted request's)."""
-        if event is not None:
-            torch.cuda.current_stream(self.cache.device).wait_event(event)
+    def fence(self, store: Issued | None) -> None:
+        """Make the compute stream wait for a store (no CPU stall): before vLLM's next
+        forward may overwrite blocks it is still reading (a preempted request's)."""
+        if store is not None:
+            torch.cuda.current_stream(self.cache.device).wait_event(store.done)
 
     # -- load (pinned -> paged) ----------------------------------------------------------
 
-    def start_load(self, jobs: Sequence[ChunkJob], layerwise: bool) -> torch.cuda.Event | None:
-        """Issue every job's copies; returns an event that completes when the pinned sources
-        have been read (None on CPU, where the copies are done on return).
+    def start_load(self, jobs: Sequence[ChunkJob], layerwise: bool) -> Issued | None:
+        """Issue every job's copies; the returned transfer lands when the pinned sources have
+        been read (None on CPU, where the copies are done on return).
 
         ``layerwise``: layer by layer, with an event after each, so the forward pass runs
         layer 0 while later layers are still in flight (:meth:`wait_layer`). Otherwise all
@@ -437,6 +455,7 @@ class PagedTransfer:
         # events), so the first ones are queued before anything else: the slot ids, and the
         # scatters, on the kernel stream after the compute stream's work, follow.
         batches: list[_Batch] = []
+        started = self._record(d.copy, timing=True)
         steps = [(k, layer) for layer in range(0, num_layers, per_step) for k in range(len(parts))]
         for n, (k, first) in enumerate(steps):
             part = parts[k]
@@ -458,7 +477,7 @@ class PagedTransfer:
                 self._layer_events.append(self._record(d.kernel))
         if not layerwise:
             torch.cuda.current_stream(cache.device).wait_stream(d.kernel)
-        return self._record(d.copy)
+        return Issued(started, self._record(d.copy, timing=True))
 
     def wait_layer(self, layer: int) -> None:
         """Make the compute stream wait for layer ``layer``'s loaded KV (no CPU stall)."""

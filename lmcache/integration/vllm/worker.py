@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +30,13 @@ from lmcache.engine import LMCacheEngine
 from lmcache.integration.vllm import settings
 from lmcache.integration.vllm.events import TierEvents
 from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata, LoadSpec, StoreSpec
-from lmcache.integration.vllm.paged import ChunkJob, PagedKVCache, PagedTransfer, store_jobs
+from lmcache.integration.vllm.paged import (
+    ChunkJob,
+    Issued,
+    PagedKVCache,
+    PagedTransfer,
+    store_jobs,
+)
 from lmcache.integration.vllm.pins import PinTable
 from lmcache.integration.vllm.rpc import Answer, RankServer
 from lmcache.integration.vllm.stats import TransferStats
@@ -50,29 +56,35 @@ logger = logging.getLogger("lmcache")
 
 @dataclass
 class _Store:
-    """Stores of one request issued in one step, published once ``done`` has completed."""
+    """Stores of one request issued in one step, published once ``done`` has landed."""
 
     req_id: str
     reserved: Reserved
-    done: torch.cuda.Event | None
-    issued: float = field(default_factory=time.perf_counter)
+    done: Issued | None
+    cpu_seconds: float
+    """The copies' time where they ran synchronously (``done`` is None: CPU tensors)."""
 
 
 @dataclass
 class _Load:
-    """A step's loads: their source chunks stay pinned until ``done`` has completed."""
+    """A step's loads: their source chunks stay pinned until ``done`` has landed."""
 
     buffers: list[ChunkBuffer]
-    done: torch.cuda.Event | None
+    done: Issued | None
+    cpu_seconds: float
     requested: int
     """Tokens the step's load specs asked for (failed ones included)."""
     tokens: int
     """Tokens copied."""
-    issued: float = field(default_factory=time.perf_counter)
 
 
-def _landed(event: torch.cuda.Event | None) -> bool:
-    return event is None or event.query()
+def _landed(done: Issued | None) -> bool:
+    return done is None or done.landed()
+
+
+def _seconds(done: Issued | None, cpu_seconds: float) -> float:
+    """How long a landed transfer took: on the GPU, not until the step that noticed it."""
+    return cpu_seconds if done is None else done.seconds()
 
 
 class WorkerConnector:
@@ -185,6 +197,7 @@ class WorkerConnector:
             if requested:
                 self.engine.metrics.retrieve(requested, 0, 0)
             return
+        started = time.perf_counter()
         try:
             done = self._transfer().start_load(jobs, self.layerwise)
         except Exception:
@@ -196,7 +209,8 @@ class WorkerConnector:
             self.engine.metrics.retrieve(requested, 0, 0)
             return
         copied = sum(job.hi - job.lo for job in jobs)
-        self._loads.append(_Load(buffers, done, requested, copied))
+        cpu_seconds = time.perf_counter() - started
+        self._loads.append(_Load(buffers, done, cpu_seconds, requested, copied))
 
     def _plan_load(self, load: LoadSpec, jobs: list[ChunkJob]) -> list[ChunkBuffer] | None:
         """Take the request's pinned chunks and queue their copies."""
@@ -235,9 +249,9 @@ class WorkerConnector:
             return
         wanted = set(meta.preempted)
         with self._lock:
-            events = [s.done for s in self._stores if s.req_id in wanted]
-        for event in events:
-            self._transfer().fence(event)
+            stores = [s.done for s in self._stores if s.req_id in wanted]
+        for store in stores:
+            self._transfer().fence(store)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self.layerwise and self.transfer is not None:
@@ -274,6 +288,7 @@ class WorkerConnector:
             planned.append((spec, reserved))
         if not planned:
             return
+        started = time.perf_counter()
         try:
             done = self._transfer().store(jobs)
         except Exception:
@@ -285,9 +300,10 @@ class WorkerConnector:
                     for chunk, _ in reserved:
                         self.events.forget(chunk.key)
             return
+        cpu_seconds = time.perf_counter() - started
         with self._lock:
             for spec, reserved in planned:
-                self._stores.append(_Store(spec.req_id, reserved, done))
+                self._stores.append(_Store(spec.req_id, reserved, done, cpu_seconds))
                 self._storing[spec.req_id] += 1
         for spec, reserved in planned:
             if self.rank == 0:
@@ -333,10 +349,10 @@ class WorkerConnector:
             landed_now = [(ld, _landed(ld.done)) for ld in self._loads]  # one query each
             loads = [ld for ld, done in landed_now if done]
             self._loads = [ld for ld, done in landed_now if not done]
-        now = time.perf_counter()
         for store in landed:
+            seconds = _seconds(store.done, store.cpu_seconds)
             try:
-                stored = self.engine.storage.commit(store.reserved, now - store.issued)
+                stored = self.engine.storage.commit(store.reserved, seconds)
             except Exception:
                 logger.exception("LMCache: publishing stores of %s failed", store.req_id)
                 stored = 0
@@ -345,9 +361,10 @@ class WorkerConnector:
                 self._storing[store.req_id] -= 1
         for load in loads:
             nbytes = sum(b.nbytes for b in load.buffers)
-            self.engine.metrics.retrieve(load.requested, load.tokens, nbytes, now - load.issued)
+            seconds = _seconds(load.done, load.cpu_seconds)
+            self.engine.metrics.retrieve(load.requested, load.tokens, nbytes, seconds)
             with self._lock:
-                self._stats.record_load(load.tokens, nbytes, now - load.issued)
+                self._stats.record_load(load.tokens, nbytes, seconds)
             self.engine.storage.release_all(load.buffers)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
