@@ -385,7 +385,7 @@ def test_cel_rule_refuses_invalid_cr_naming_the_field(
     name = case.replace(" ", "-").replace("_", "-")
     with pytest.raises(ApiException) as refused:
         k8s.create(lmcd.manifest(name, **spec), namespace)
-    assert refused.value.status == 422
+    assert refused.value.status == 422 and refused.value.body is not None
     said = json.loads(refused.value.body)["message"]
     assert field in said and message in said, said
     assert lmcd.get(k8s, name, namespace) is None
