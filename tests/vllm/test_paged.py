@@ -168,8 +168,8 @@ def test_unsupported_shapes_are_refused() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 def test_transfers_queued_behind_a_busy_gpu_keep_their_slot_ids() -> None:
     """Stores issued while the GPU is still busy (as vLLM's CPU runs ahead of its forward
-    passes) queue their slot-id uploads behind it: the pinned buffers those come from must not
-    be refilled by the next transfer before their copy has run."""
+    passes) queue their slot-id uploads and gathers behind it, four transfers deep: each must
+    still copy its own slots (no host buffer refilled, no staging reused, before its turn)."""
     layout = PagedLayout.BLOCK_FIRST
     layers = make_layers(layout, "cuda", hnd=False, seed=5)
     before = [layer.clone() for layer in layers]

@@ -192,34 +192,6 @@ class _Batch:
         return self.jobs[0].hi
 
 
-class _SlotUploads:
-    """Pinned host buffers a transfer's slot ids are uploaded from, each reused once its last
-    upload has run: ``pin_memory()`` on every transfer costs about half a millisecond of CPU
-    (measured on the H200 host) before the transfer's first copy can start."""
-
-    def __init__(self, device: torch.device, count: int = 2) -> None:
-        self.device = device
-        self.buffers = [torch.empty(0, dtype=torch.long) for _ in range(count)]
-        self.uploaded: list[torch.cuda.Event | None] = [None] * count
-
-    def upload(self, ids: list[torch.Tensor]) -> torch.Tensor:
-        """``ids`` concatenated on the device, copied on the current stream."""
-        free = next((i for i, e in enumerate(self.uploaded) if e is None or e.query()), None)
-        if free is None:  # every buffer is still being read: a pinned copy of its own
-            return torch.cat(ids).to(torch.long).pin_memory().to(self.device, non_blocking=True)
-        n = sum(t.numel() for t in ids)
-        if self.buffers[free].numel() < n:
-            size = max(n, 2 * self.buffers[free].numel())
-            self.buffers[free] = torch.empty(size, dtype=torch.long, pin_memory=True)
-        host = self.buffers[free][:n]
-        torch.cat([t.to(torch.long) for t in ids], out=host)
-        on_device = host.to(self.device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self.uploaded[free] = event
-        return on_device
-
-
 class _Direction:
     """One direction's streams and staging ring: a kernel stream (gathers or scatters) and a
     copy stream (DMAs between staging and pinned memory), and the event after which each
@@ -233,7 +205,6 @@ class _Direction:
         self.ring = [torch.empty(half, dtype=torch.uint8, device=device) for _ in range(2)]
         self.free: list[torch.cuda.Event | None] = [None, None]
         self.turn = 0
-        self.slots = _SlotUploads(device)
 
     def buffer(self, nbytes: int) -> tuple[int, torch.Tensor]:
         """The next staging buffer (grown if one batch needs more: a chunk larger than half
@@ -315,11 +286,10 @@ class PagedTransfer:
             parts += [group[start : start + size] for start in range(0, len(group), size)]
         return parts
 
-    def _batches(self, parts: list[list[ChunkJob]], d: _Direction | None = None) -> list[_Batch]:
+    def _batches(self, parts: list[list[ChunkJob]]) -> list[_Batch]:
         """The groups with their slot ids on the device, uploaded in one copy (on the current
         stream), not one per batch."""
-        ids = [job.slots for part in parts for job in part]
-        slots = self.cache.to_device(torch.cat(ids)) if d is None else d.slots.upload(ids)
+        slots = self.cache.to_device(torch.cat([job.slots for part in parts for job in part]))
         batches, at = [], 0
         for part in parts:
             count = len(part) * (part[0].hi - part[0].lo)
@@ -403,7 +373,7 @@ class PagedTransfer:
         d.kernel.wait_stream(torch.cuda.current_stream(cache.device))
         started = self._record(d.kernel, timing=True)
         with torch.cuda.stream(d.kernel):
-            batches = self._batches(self._group(jobs, num_layers, self._budget(d)), d)
+            batches = self._batches(self._group(jobs, num_layers, self._budget(d)))
         for batch in batches:
             lo, hi = batch.lo, batch.hi
             i, buffer = d.buffer(_staged_bytes(batch.jobs, num_layers))
@@ -469,7 +439,7 @@ class PagedTransfer:
             with torch.cuda.stream(d.kernel):
                 if not batches:
                     d.kernel.wait_stream(torch.cuda.current_stream(cache.device))
-                    batches = self._batches(parts, d)
+                    batches = self._batches(parts)
                 d.kernel.wait_event(arrived)
                 self._scatter(staged, batches[k], first, per_step)
                 d.free[i] = self._record(d.kernel)
