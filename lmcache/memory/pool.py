@@ -108,7 +108,6 @@ class MemoryPool:
             self._buffer = self._allocate(config, hugepages_without_cuda)
         except (RuntimeError, MemoryError, OSError) as err:
             raise ConfigError(self._allocation_error(config, str(err))) from None
-        self._chunk_size = config.chunk_size
         # Every slot's full-chunk view, made once: building one costs ~15 us of CPU, and a
         # transfer of a long prompt needs dozens of them before its first copy can start.
         self._full_views = list(
@@ -170,9 +169,10 @@ class MemoryPool:
     def kv(self, slot: int, num_tokens: int) -> torch.Tensor:
         """Slot ``slot`` holding ``num_tokens`` tokens as ``[num_layers, kv_factor,
         num_tokens, heads, head_size]`` (a partial chunk packs its tokens at the start)."""
-        if num_tokens == self._chunk_size:
+        nbytes = num_tokens * self.spec.bytes_per_token
+        if nbytes == self.slot_size:
             return self._full_views[slot]
-        raw = self.slot_bytes(slot)[: num_tokens * self.spec.bytes_per_token]
+        raw = self.slot_bytes(slot)[:nbytes]
         return raw.view(self.spec.dtype).view(self.spec.shape(num_tokens))
 
     @property

@@ -155,6 +155,15 @@ def _openapi_to_jsonschema(schema: Any) -> Any:
     return schema
 
 
+def test_every_cel_rule_has_a_case() -> None:
+    """Each rule's own message carries one of the cases' messages (the cases run here and
+    against a real API server in the e2e tests)."""
+    messages = {message for _, message, _ in INVALID.values()}
+    for path, node in walk(crd_schema()):
+        for rule in node.get("x-kubernetes-validations") or []:
+            assert any(m in rule["message"] for m in messages), f"no INVALID case for {path}"
+
+
 @pytest.mark.parametrize("case", sorted(INVALID))
 def test_cel_refuses(case: str) -> None:
     spec, message, _ = INVALID[case]
