@@ -4,7 +4,8 @@ Where upstream LMCache has a metric (``lmcache:num_hit_tokens``, ``lmcache:local
 ``lmcache:retrieve_speed``, ...) this engine exports the same name, type, unit and labels
 (``model_name``, ``worker_id`` = the TP rank), so upstream Grafana dashboards work unchanged;
 what upstream has no metric for keeps our own ``lmcache_`` names. Callers record events
-(``lookup``, ``retrieve``, ``store``, ``disk_io``, ``remote_io``...); which series they touch is decided here.
+(``lookup``, ``retrieve``, ``store``, ``disk_io``, ``remote_io``...); which series they touch
+is decided here.
 
 Each engine has a registry of its own (several engines in one process do not collide). With
 ``PROMETHEUS_MULTIPROC_DIR`` set in every process (as upstream documents, and as the operator
